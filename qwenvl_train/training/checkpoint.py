@@ -1,0 +1,121 @@
+"""Checkpoints that are never half-written, and the weights that flow between stages.
+
+Layout of `run_dir/checkpoints/`:
+  step_000100/            DeepSpeed's model + optimizer (+ scheduler) files for every rank,
+                          and `trainer_rank{r}.pt` (step, loader position, RNG) per rank
+  latest                  the tag of the newest COMPLETE checkpoint; moved last, atomically
+A crash during a save leaves `latest` pointing at the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    path = checkpoint_dir(run_dir) / LATEST
+    if not path.exists():
+        return None
+    tag = path.read_text().strip()
+    if not (checkpoint_dir(run_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{path} names {tag!r}, which does not exist")
+    return tag
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the crash-safety tests: QWENVL_FAULT=<point> kills the process."""
+    if os.environ.get("QWENVL_FAULT") == point:
+        os._exit(137)
+
+
+def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
+         keep_last: int) -> Path:
+    """Save on every rank; move `latest` only after every rank finished writing."""
+    root = checkpoint_dir(run_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    _fault("after_engine_save")
+    torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, root / LATEST)  # atomic on POSIX
+        _prune(root, keep_last, keep=tag)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    for old in tags[: max(0, len(tags) - keep_last)]:
+        if old != keep:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
+    """Restore model, optimizer and scheduler through DeepSpeed; return this rank's state."""
+    root = checkpoint_dir(run_dir)
+    load_path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    path = root / tag / f"trainer_rank{rank}.pt"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint was written by fewer ranks than this run has; "
+            "resume with the same number of processes or start a new stage with init_from"
+        )
+    state = torch.load(path, weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state
+
+
+def resolve_init_from(path: str | Path) -> Path:
+    """The consolidated export a stage starts from: an export dir, or a run dir's export."""
+    path = Path(path)
+    for candidate in (path, path / "export"):
+        if (candidate / "model.safetensors").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"init_from={path}: no model.safetensors in it or in {path / 'export'}; point it at "
+        "a finished stage's run_dir (exports at the end) or an export directory"
+    )

@@ -1,0 +1,130 @@
+"""DeepSpeed: distributed init, the generated config, and engine construction.
+
+The DeepSpeed config is derived from the `stage` and `parallel` config groups; users pass
+extra keys through `parallel.deepspeed`. It never names a scheduler (ours is the stage's
+cosine schedule) nor an optimizer (ours is torch AdamW over the registry's groups).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from qwenvl_train.config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Start the process group (NCCL on GPUs, gloo on CPU) through DeepSpeed."""
+    import deepspeed
+
+    # DeepSpeed compiles a shared-memory comm op on first init (tens of seconds on CPU);
+    # training never uses it.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world > 1 or "MASTER_ADDR" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    else:  # a plain `python -m` run: a one-process group on a free port
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False
+        )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grad_accumulation_steps(cfg: TrainConfig, dp_size: int) -> int:
+    """global batch = micro batch x accumulation x data-parallel size, checked exactly."""
+    per_step = cfg.stage.micro_batch_size * dp_size
+    if cfg.stage.global_batch_size % per_step:
+        raise ConfigError(
+            f"stage.global_batch_size: {cfg.stage.global_batch_size} is not a multiple of "
+            f"stage.micro_batch_size ({cfg.stage.micro_batch_size}) x data-parallel size "
+            f"({dp_size}) = {per_step}"
+        )
+    return cfg.stage.global_batch_size // per_step
+
+
+def uses_bf16(cfg: TrainConfig) -> bool:
+    """bf16 on accelerators as the stage asks; CPU runs train in fp32."""
+    return torch.cuda.is_available() and cfg.stage.precision == "bf16"
+
+
+def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
+    accum = grad_accumulation_steps(cfg, dp_size)
+    on_gpu = torch.cuda.is_available()
+    zero: dict = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage >= 2:
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=True)
+    if cfg.parallel.zero_stage == 3:
+        # Gather full weights into one file at save time is not needed: export gathers itself.
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.stage.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.stage.micro_batch_size * accum * dp_size,
+        "gradient_clipping": cfg.stage.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": uses_bf16(cfg)},
+        "fp16": {"enabled": on_gpu and cfg.stage.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,  # our tracker logs; silence DeepSpeed's own prints
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, dict(cfg.parallel.deepspeed))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def initialize_engine(model, optimizer, scheduler, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

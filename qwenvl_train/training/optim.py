@@ -1,0 +1,108 @@
+"""Optimizer parameter groups and the learning-rate schedule, derived from the group registry.
+
+Every trainable parameter lands in exactly one optimizer group keyed by (module group,
+ViT depth, weight decay or not). A group's LR is `schedule(step) * lr_scale`, where
+`lr_scale = stage.optim.group_lr_scale[group] * vit_layer_decay ** (depth_max - depth)` for
+ViT parameters (the last block trains at the full rate) and the group scale otherwise.
+Frozen parameters are not in the optimizer at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from qwenvl_train.model.groups import group_of, layer_decay_scale, skips_weight_decay
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup to `peak`, then cosine (or linear/constant) down to `floor` at `total`."""
+
+    peak: float
+    floor: float
+    warmup_steps: int
+    total_steps: int
+    kind: str = "cosine"
+
+    def lr(self, step: int) -> float:
+        """LR used by optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.peak * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.peak
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        if self.kind == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.floor + (self.peak - self.floor) * shape
+
+
+@dataclass
+class ParamGroupInfo:
+    name: str
+    lr_scale: float
+    weight_decay: float
+    numel: int
+
+
+def build_param_groups(
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    group_lr_scale: dict[str, float],
+    vit_layer_decay: float,
+    num_vit_layers: int,
+    post_group: str = "vit",
+) -> tuple[list[dict], list[ParamGroupInfo]]:
+    """Optimizer groups for the trainable parameters (frozen ones are left out)."""
+    buckets: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = group_of(name, post_group)
+        scale = group_lr_scale.get(group, 1.0)
+        if group == "vit" and vit_layer_decay != 1.0:
+            scale *= layer_decay_scale(name, num_vit_layers, vit_layer_decay)
+        no_decay = skips_weight_decay(name, param)
+        buckets.setdefault((group, scale, no_decay), []).append(param)
+    groups, infos = [], []
+    for (group, scale, no_decay), params in sorted(buckets.items(), key=lambda kv: kv[0]):
+        wd = 0.0 if no_decay else weight_decay
+        label = f"{group}/scale{scale:.4f}/{'no_decay' if no_decay else 'decay'}"
+        groups.append({"params": params, "weight_decay": wd, "lr_scale": scale, "name": label})
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+        infos.append(ParamGroupInfo(label, scale, wd, numel))
+    return groups, infos
+
+
+def build_optimizer(
+    param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
+    """torch AdamW (DeepSpeed's own Adam would compile ops on first use)."""
+    for g in param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> LambdaLR:
+    """Each group's LR = schedule(step) * its lr_scale (the group's initial lr is peak*scale)."""
+    for g in optimizer.param_groups:
+        g["lr"] = schedule.peak * g["lr_scale"]
+        g.setdefault("initial_lr", g["lr"])
+    return LambdaLR(optimizer, lambda step: schedule.lr(step) / schedule.peak)
+
+
+def lr_by_module_group(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Max LR per module group (vit/adapter/llm) for logging."""
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        module_group = str(g.get("name", "all")).split("/")[0]
+        out[module_group] = max(out.get(module_group, 0.0), float(g["lr"]))
+    return out

@@ -1,0 +1,213 @@
+"""The training loop: one trainer for every stage; the stage config decides what differs.
+
+Read top to bottom: `run` sets up (distributed, data, model, freezing, optimizer, DeepSpeed,
+resume), then `Trainer.fit` loops: micro-batches -> forward -> agreed NaN check -> backward
+-> DeepSpeed step (clip, accumulate, schedule) -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qwenvl_train.config import TrainConfig
+from qwenvl_train.data.schema import TASKS
+from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training.engine import DistInfo
+from qwenvl_train.training.optim import lr_by_module_group
+
+log = logging.getLogger("qwenvl_train")
+
+_BATCH_TENSORS = ("input_ids", "labels", "position_ids", "segment_ids", "images", "task_ids")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides model/optimizer/scheduler (per rank)."""
+
+    step: int = 0
+    loader: dict = field(default_factory=dict)
+    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (SLURM sends it before preemption); checked at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for key in _BATCH_TENSORS:
+        value = batch[key]
+        if key == "images":
+            value = value.to(device=device, dtype=dtype, non_blocking=True)
+        else:
+            value = value.to(device, non_blocking=True)
+        out[key] = value
+    return out
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / dist.get_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, loader, tracker,
+                 meter, accum: int, dummy_batch: dict, state: TrainState):
+        self.cfg, self.dist, self.engine = cfg, dist_info, engine
+        self.loader, self.tracker, self.meter = loader, tracker, meter
+        self.accum, self.dummy_batch, self.state = accum, dummy_batch, state
+        self.param_dtype = next(engine.module.parameters()).dtype
+        self.preempt = PreemptionFlag()
+        self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
+
+    # -- one optimizer step -------------------------------------------------------------
+    def _micro_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Forward + backward of one micro-batch; returns (loss, per-task sums, finite)."""
+        inputs = _to_device(batch, self.dist.device, self.param_dtype)
+        task_ids = inputs.pop("task_ids")
+        out = self.engine(**inputs)
+        finite = bool(torch.isfinite(out.loss).item())
+        # Every rank must take the same path, or the collectives inside backward hang.
+        if _any_rank(not finite, self.dist.device):
+            self._report_nonfinite(batch, out.loss)
+            # Backprop a zero loss of a tiny clean batch: the same hooks and collectives as
+            # a real backward, zero gradient. The step's update is then skipped (LR 0).
+            dummy = self.engine(**_to_device(self.dummy_batch, self.dist.device,
+                                             self.param_dtype))
+            self.engine.backward(dummy.loss * 0.0)
+            return torch.zeros((), device=self.dist.device), self._task_sums(), False
+        self.engine.backward(out.loss)
+        sums = self._task_sums(out.token_loss.detach(), task_ids, inputs["labels"])
+        return out.loss.detach(), sums, True
+
+    def _task_sums(self, token_loss=None, task_ids=None, labels=None) -> torch.Tensor:
+        """[len(TASKS), 2]: summed token loss and token count per task."""
+        sums = torch.zeros(len(TASKS), 2, device=self.dist.device, dtype=torch.float64)
+        if token_loss is None:
+            return sums
+        has_label = labels != -100
+        for t in range(len(TASKS)):
+            sel = has_label & (task_ids == t)
+            if sel.any():
+                sums[t, 0] = token_loss[sel].double().sum()
+                sums[t, 1] = sel.sum()
+        return sums
+
+    def _report_nonfinite(self, batch: dict, loss: torch.Tensor) -> None:
+        self.state.consecutive_nonfinite += 1
+        msg = (f"non-finite loss at step {self.state.step + 1} on rank {self.dist.rank} "
+               f"(local loss {loss.item()}); batch keys: {batch.get('keys', [])[:16]}")
+        log.error(msg)
+        if (self.cfg.nan_policy == "stop"
+                or self.state.consecutive_nonfinite > self.cfg.max_consecutive_nan):
+            raise NonFiniteLossError(f"{msg}; nan_policy={self.cfg.nan_policy}")
+
+    def _optimizer_step(self, data_iter) -> dict:
+        t0 = time.perf_counter()
+        losses, finite_all = [], True
+        task_sums = torch.zeros(len(TASKS), 2, device=self.dist.device, dtype=torch.float64)
+        counts = {"samples": 0, "images": 0, "tokens": 0, "real_tokens": 0}
+        for micro in range(self.accum):
+            batch = next(data_iter)
+            loss, sums, finite = self._micro_step(batch)
+            finite_all &= finite
+            losses.append(loss)
+            task_sums += sums
+            counts["samples"] += int(batch["num_samples"])
+            counts["images"] += int(batch["num_images"])
+            counts["tokens"] += int(batch["input_ids"].numel())
+            counts["real_tokens"] += int(batch["num_real_tokens"])
+            if micro == self.accum - 1 and not finite_all:
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = 0.0  # skip: no parameter moves in this step
+            if micro == self.accum - 1:
+                lrs = lr_by_module_group(self.engine.optimizer)
+            # DeepSpeed counts micro-steps here and updates only at the boundary.
+            self.engine.step()
+        if finite_all:
+            self.state.consecutive_nonfinite = 0
+        else:
+            self.state.skipped_steps += 1
+        loss = _mean_over_ranks(torch.stack(losses).mean()).item()
+        return {"loss": loss, "finite": finite_all, "lr": lrs,
+                "task_sums": _sum_over_ranks(task_sums), "counts": counts,
+                "time": time.perf_counter() - t0}
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, state = self.cfg, self.state
+        data_iter = iter(self.loader)
+        last = {}
+        while state.step < cfg.stage.steps:
+            result = self._optimizer_step(data_iter)
+            state.step += 1
+            last = self._log(result)
+            stop = _any_rank(self.preempt.requested, self.dist.device)
+            if stop or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.stage.steps:
+                self.save()
+            if stop:
+                log.warning("SIGTERM received: checkpoint saved at step %d, exiting", state.step)
+                last["preempted"] = True
+                break
+        return last
+
+    def save(self) -> None:
+        self.state.loader = self.loader.state_dict()
+        ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
+                  self.dist.rank, self.cfg.checkpoint.keep_last)
+
+    def _log(self, result: dict) -> dict:
+        step = self.state.step
+        sums = result["task_sums"]
+        metrics = {"loss": result["loss"], "skipped_steps": self.state.skipped_steps}
+        for t, task in enumerate(TASKS):
+            if sums[t, 1] > 0:
+                metrics[f"loss/{task}"] = float(sums[t, 0] / sums[t, 1])
+        for group, lr in result["lr"].items():
+            metrics[f"lr/{group}"] = lr
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        metrics.update(self.meter.update(result["counts"], result["time"]))
+        metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()
+                        if isinstance(v, (int, float))})
+        if self.dist.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % self.cfg.log_every == 0 or step == self.cfg.stage.steps:
+            self.tracker.log(step, metrics)
+        return metrics
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+

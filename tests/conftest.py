@@ -1,0 +1,79 @@
+"""Shared fixtures: the small demo data set and a torchrun launcher that collects per-rank
+results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true",
+               PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The reduced demo set (`build_demo(small=True)`), built once per test session."""
+    from data_recipes.demo import build_demo
+
+    out = tmp_path_factory.mktemp("demo_data")
+    build_demo(out, small=True)
+    return out
+
+
+class RunResult:
+    def __init__(self, proc: subprocess.CompletedProcess, results_dir: Path):
+        self.proc = proc
+        self.returncode = proc.returncode
+        self.output = proc.stdout + proc.stderr
+        self.ranks: dict[int, dict] = {}
+        for path in sorted(results_dir.glob("rank*.json")):
+            self.ranks[int(path.stem[4:])] = json.loads(path.read_text())
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """Run `python -m torch.distributed.run --nproc_per_node=N ARGS...`.
+
+    Worker scripts write their per-rank results to `$QWENVL_RESULTS_DIR/rank{r}.json`;
+    they come back as `result.ranks`. A non-zero exit fails the test with the output
+    unless `check=False`."""
+
+    def launch(args: list[str], nproc: int, *, env: dict | None = None, timeout: int = 300,
+               check: bool = True) -> RunResult:
+        results = tmp_path / f"results_{len(list(tmp_path.glob('results_*')))}"
+        results.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env({"QWENVL_RESULTS_DIR": str(results),
+                                                       **(env or {})}),
+                              capture_output=True, text=True, timeout=timeout)
+        result = RunResult(proc, results)
+        if check and proc.returncode != 0:
+            pytest.fail(f"torchrun exited {proc.returncode}:\n{result.output[-6000:]}")
+        return result
+
+    return launch
+
+
+@pytest.fixture
+def run_cli():
+    """Run a console entry point module (`python -m ...`) and return the completed process."""
+
+    def run(module: str, args: list[str], *, env: dict | None = None, timeout: int = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO,
+                              env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+    return run

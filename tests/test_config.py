@@ -1,0 +1,73 @@
+import pytest
+
+from qwenvl_train.config import ConfigError, load_config
+
+# RECIPE.md's stage table.
+PAPER = {
+    "pretrain": dict(trainable=["vit", "adapter"], image_size=224, seq_len=512, lr=2e-4,
+                     min_lr=1e-6, warmup=500, decay=0.95, batch=30720, steps=50000, pack=False),
+    "multitask": dict(trainable=["vit", "adapter", "llm"], image_size=448, seq_len=2048, lr=5e-5,
+                      min_lr=1e-5, warmup=400, decay=0.95, batch=4096, steps=19000, pack=True),
+    "sft": dict(trainable=["adapter", "llm"], image_size=448, seq_len=2048, lr=1e-5,
+                min_lr=1e-6, warmup=3000, decay=1.0, batch=128, steps=8000, pack=False),
+}
+
+
+@pytest.mark.parametrize("stage", list(PAPER))
+def test_stage_configs_match_the_paper(stage):
+    cfg = load_config([f"stage={stage}", "model=qwenvl_7b"])
+    p, s = PAPER[stage], cfg.stage
+    assert s.trainable == p["trainable"] and s.pack == p["pack"]
+    assert (s.image_size, s.seq_len, s.global_batch_size, s.steps) == (
+        p["image_size"], p["seq_len"], p["batch"], p["steps"])
+    o = s.optim
+    assert (o.lr, o.min_lr, o.warmup_steps, o.vit_layer_decay) == (
+        p["lr"], p["min_lr"], p["warmup"], p["decay"])
+    assert (o.betas, o.eps, o.weight_decay, o.grad_clip, o.schedule) == (
+        [0.9, 0.98], 1e-6, 0.05, 1.0, "cosine")
+    assert s.precision == "bf16"
+
+
+def test_qwenvl_7b_sizes():
+    m = load_config(["model=qwenvl_7b"]).model
+    assert (m.vision.width, m.vision.layers, m.vision.heads, m.vision.mlp_dim) == (
+        1664, 48, 16, 8192)
+    assert (m.adapter.num_queries, m.adapter.embed_dim, m.adapter.heads) == (256, 4096, 32)
+    assert (m.llm.hidden_size, m.llm.num_layers, m.llm.num_heads, m.llm.intermediate_size,
+            m.llm.vocab_size) == (4096, 32, 32, 11008, 151936)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+stage.not_a_key=1", "stage.not_a_key"),
+    ("stage.image_size=abc", "stage.image_size"),
+    ("parallel.zero_stage=5", "parallel.zero_stage"),
+    ("stage.template=chat", "stage.template"),
+    ("stage.trainable=[vit,decoder]", "stage.trainable"),
+    ("nan_policy=ignore", "nan_policy"),
+    ("stage.optim.min_lr=1.0", "stage.optim.min_lr"),
+    ("+parallel.deepspeed.scheduler={type:WarmupLR}", "parallel.deepspeed.scheduler"),
+    ("stage.image_size=230", "stage.image_size"),
+    ("tracking.mode=sometimes", "tracking.mode"),
+])
+def test_bad_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert key in str(err.value)
+
+
+def test_global_batch_must_split_into_micro_batches_and_ranks():
+    from qwenvl_train.training.engine import grad_accumulation_steps
+
+    cfg = load_config(["scale=demo"])  # global 8, micro 4
+    assert grad_accumulation_steps(cfg, dp_size=1) == 2
+    assert grad_accumulation_steps(cfg, dp_size=2) == 1
+    with pytest.raises(ConfigError, match="stage.global_batch_size"):
+        grad_accumulation_steps(cfg, dp_size=3)
+
+
+def test_cli_rejects_bad_config_before_starting(run_cli, tmp_path):
+    proc = run_cli("qwenvl_train.cli.train", ["parallel.zero_stage=7",
+                                              f"run_dir={tmp_path}/run"])
+    assert proc.returncode == 2
+    assert "parallel.zero_stage" in proc.stderr and "[0, 1, 2, 3]" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
