@@ -1,0 +1,175 @@
+"""Model configuration: one small dataclass per component, mirroring `configs/model/*.yaml`.
+
+Every class is an OmegaConf structured schema (plain types, Optional, nested dataclasses,
+a default on every field). Defaults are the released Qwen-VL 9.6B (RECIPE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+IMG_PAD_ID = 151859  # `<imgpad>`: the image slot token of the Qwen-VL tokenizer
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+POST_GROUPS = ("vit", "adapter")
+
+
+def _err(prefix: str, key: str, msg: str) -> ValueError:
+    return ValueError(f"{prefix}.{key}: {msg}")
+
+
+def _positive(obj: Any, prefix: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if not value > 0:
+            raise _err(prefix, key, f"must be > 0, got {value!r}")
+
+
+@dataclass
+class VisionConfig:
+    patch_size: int = 14
+    width: int = 1664
+    layers: int = 48
+    heads: int = 16
+    mlp_dim: int = 8192
+    pos_grid: int = 16  # the learned position table is pos_grid x pos_grid, resized per input
+    ln_eps: float = 1e-6
+
+    def validate(self, prefix: str = "model.vision") -> None:
+        _positive(self, prefix, "patch_size", "width", "layers", "heads", "mlp_dim", "pos_grid",
+                  "ln_eps")
+        if self.width % self.heads:
+            raise _err(prefix, "heads",
+                       f"width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass
+class AdapterConfig:
+    num_queries: int = 256  # image slots per image; a square grid
+    embed_dim: int = 4096
+    heads: int = 32
+    post_group: str = "vit"  # module group of ln_post/proj: vit | adapter
+
+    def validate(self, prefix: str = "model.adapter") -> None:
+        _positive(self, prefix, "num_queries", "embed_dim", "heads")
+        if math.isqrt(self.num_queries) ** 2 != self.num_queries:
+            raise _err(prefix, "num_queries", f"must be a perfect square, got {self.num_queries}")
+        if self.embed_dim % self.heads:
+            raise _err(prefix, "heads",
+                       f"embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
+        # The sin-cos table splits channels into 2 (column/row) x 2 (sin/cos) equal parts.
+        if self.embed_dim % 4:
+            raise _err(prefix, "embed_dim", f"must be divisible by 4, got {self.embed_dim}")
+        if self.post_group not in POST_GROUPS:
+            raise _err(prefix, "post_group",
+                       f"must be one of {POST_GROUPS}, got {self.post_group!r}")
+
+
+@dataclass
+class LLMConfig:
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 151936
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+
+    def validate(self, prefix: str = "model.llm") -> None:
+        _positive(self, prefix, "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "intermediate_size", "vocab_size", "rope_theta", "rms_norm_eps",
+                  "max_position_embeddings")
+        if self.hidden_size % self.num_heads:
+            raise _err(prefix, "num_heads",
+                       f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                       f"{self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise _err(prefix, "num_kv_heads",
+                       f"num_heads {self.num_heads} is not divisible by num_kv_heads "
+                       f"{self.num_kv_heads}")
+        if self.vocab_size <= IMG_PAD_ID:
+            raise _err(prefix, "vocab_size",
+                       f"must exceed the <imgpad> id {IMG_PAD_ID}, got {self.vocab_size}")
+
+
+@dataclass
+class WeightsConfig:
+    vit: str | None = None  # OpenCLIP ViT-bigG/14 checkpoint file (or a dir holding one)
+    llm: str | None = None  # HF Qwen2/Qwen2.5 directory or a Qwen (v1) checkpoint directory
+    qwenvl: str | None = None  # released Qwen-VL / Qwen-VL-Chat directory (whole model)
+
+    def validate(self, prefix: str = "model.weights") -> None:
+        for key in ("vit", "llm", "qwenvl"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise _err(prefix, key, f"must be a path string or null, got {value!r}")
+
+
+@dataclass
+class GradCkptConfig:
+    vit: bool = True
+    llm: bool = True
+
+    def validate(self, prefix: str = "model.gradient_checkpointing") -> None:
+        for key in ("vit", "llm"):
+            if not isinstance(getattr(self, key), bool):
+                raise _err(prefix, key, "must be true or false")
+
+
+@dataclass
+class QwenVLConfig:
+    name: str = "qwenvl_7b"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: GradCkptConfig = field(default_factory=GradCkptConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+
+    def validate(self, prefix: str = "model") -> None:
+        self.vision.validate(f"{prefix}.vision")
+        self.adapter.validate(f"{prefix}.adapter")
+        self.llm.validate(f"{prefix}.llm")
+        self.gradient_checkpointing.validate(f"{prefix}.gradient_checkpointing")
+        self.weights.validate(f"{prefix}.weights")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise _err(prefix, "attn_implementation",
+                       f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        # The adapter output overwrites LLM token embeddings, so the widths must agree.
+        if self.adapter.embed_dim != self.llm.hidden_size:
+            raise _err(prefix, "adapter.embed_dim",
+                       f"must equal llm.hidden_size {self.llm.hidden_size}, "
+                       f"got {self.adapter.embed_dim}")
+
+    @classmethod
+    def from_dict(cls, d: Any, prefix: str = "model") -> QwenVLConfig:
+        """Build from a dict or an OmegaConf DictConfig; unknown keys are an error."""
+        if not isinstance(d, dict):
+            from omegaconf import OmegaConf
+
+            d = OmegaConf.to_container(d, resolve=True)
+        return _build(cls, d, prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise _err(prefix, unknown[0], f"unknown key; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        default = fields[name].default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise _err(prefix, name, f"must be a mapping, got {value!r}")
+            value = _build(default, value, f"{prefix}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)

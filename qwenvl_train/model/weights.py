@@ -1,0 +1,287 @@
+"""Weight import from the real released layouts, and the consolidated export.
+
+Import (each copies into an already built `QwenVL`, checking every name and shape):
+  OpenCLIP ViT-bigG/14 (`visual.*`)            -> vit          (stage-1 init)
+  HF Qwen2/Qwen2.5 dir, or Qwen v1 checkpoint   -> llm          (stage-1 init)
+  released Qwen-VL / Qwen-VL-Chat checkpoint    -> vit, adapter, llm
+Export: `model.safetensors` (our names) + `config.json` (QwenVLConfig) + `llm/` as a plain
+transformers directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qwenvl_train.model.config import QwenVLConfig, WeightsConfig
+
+log = logging.getLogger(__name__)
+StateDict = dict[str, torch.Tensor]
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                 "open_clip_pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+# ---- reading checkpoints ----------------------------------------------------------------
+def _read_file(path: Path) -> StateDict:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """A checkpoint file, or a directory with one file or a sharded index (.bin/.safetensors)."""
+    path = Path(path)
+    if path.is_file():
+        return _read_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    for name in _INDEX_FILES:
+        if (path / name).is_file():
+            shards = sorted(set(json.loads((path / name).read_text())["weight_map"].values()))
+            out: StateDict = {}
+            for shard in shards:
+                out.update(_read_file(path / shard))
+            return out
+    for name in _SINGLE_FILES:
+        if (path / name).is_file():
+            return _read_file(path / name)
+    raise FileNotFoundError(f"{path} holds none of {_INDEX_FILES + _SINGLE_FILES}")
+
+
+# ---- layout conversion (pure functions on state dicts) ----------------------------------
+def qkv_to_per_head(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows [Q; K; V] (nn.MultiheadAttention) -> per head [q_h | k_h | v_h] (released ViT)."""
+    return rearrange(w, "(three h d) ... -> (h three d) ...", three=3, h=heads)
+
+
+def convert_openclip_vit(sd: Mapping[str, torch.Tensor], heads: int) -> StateDict:
+    """OpenCLIP `visual.*` -> our ViT names (relative to `vit.`). The class token, its
+    position row and the CLIP head (ln_post/proj) are dropped: Qwen-VL has no CLS."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-saved checkpoints
+    prefix = "visual." if any(k.startswith("visual.") for k in sd) else ""
+    src = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    out = {"conv1.weight": src["conv1.weight"],
+           "positional_embedding": src["positional_embedding"][1:]}  # row 0 = CLS position
+    for key, value in src.items():
+        if not key.startswith("transformer.resblocks."):
+            if key.startswith("ln_pre."):
+                out[key] = value
+            continue
+        name = key.replace("transformer.resblocks.", "blocks.")
+        if name.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+            name = name.replace("in_proj_weight", "in_proj.weight").replace(
+                "in_proj_bias", "in_proj.bias")
+            value = qkv_to_per_head(value, heads)
+        out[name] = value
+    return out
+
+
+def convert_qwen_v1_llm(sd: Mapping[str, torch.Tensor], prefix: str = "transformer.") -> StateDict:
+    """Qwen (v1) decoder -> Qwen2 names (relative to `llm.`). v1's MLP is
+    c_proj(w1(x) * silu(w2(x))): w2 is the gated branch (gate_proj), w1 the linear one."""
+    rename = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm",
+              "attn.c_proj": "self_attn.o_proj", "mlp.w1": "mlp.up_proj",
+              "mlp.w2": "mlp.gate_proj", "mlp.c_proj": "mlp.down_proj"}
+    out: StateDict = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix) or key.startswith(prefix + "visual."):
+            continue
+        key = key[len(prefix):]
+        if key == "wte.weight":
+            out["model.embed_tokens.weight"] = value
+        elif key.startswith("ln_f."):
+            out["model.norm." + key[len("ln_f."):]] = value
+        elif key.startswith("h."):
+            _, layer, rest = key.split(".", 2)
+            base = f"model.layers.{layer}."
+            module, param = rest.rsplit(".", 1)
+            if module == "attn.c_attn":  # fused [Q | K | V] rows, with bias
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3), strict=True):
+                    out[f"{base}self_attn.{name}.{param}"] = part
+            else:
+                out[f"{base}{rename[module]}.{param}"] = value
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def convert_released_visual(sd: Mapping[str, torch.Tensor], prefix: str = "transformer.visual."
+                            ) -> tuple[StateDict, StateDict]:
+    """Released `transformer.visual.*` -> (vit, adapter) state dicts in our names. The ViT
+    in_proj is already per-head grouped, so everything copies 1:1."""
+    vit: StateDict = {}
+    adapter: StateDict = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        key = key[len(prefix):]
+        if key.startswith("attn_pool."):
+            adapter[key[len("attn_pool."):]] = value
+        elif key.startswith(("ln_post.", "proj")):
+            adapter[key] = value
+        else:
+            vit[key.replace("transformer.resblocks.", "blocks.")] = value
+    return vit, adapter
+
+
+# ---- copying into a built model ---------------------------------------------------------
+def fit_vocab(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Resize a [V, D] embedding/head to `rows`; new rows (e.g. the Qwen-VL special tokens
+    missing from a plain Qwen2 vocab) start at the mean of the existing rows."""
+    if weight.shape[0] == rows:
+        return weight
+    if weight.shape[0] > rows:
+        log.warning("truncating vocab rows %d -> %d", weight.shape[0], rows)
+        return weight[:rows]
+    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+    log.info("extending vocab rows %d -> %d (new rows = mean row)", weight.shape[0], rows)
+    return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
+
+
+@torch.no_grad()
+def _copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if hasattr(dst, "ds_id"):  # a ZeRO-3 partitioned parameter: gather, write on rank 0
+        import deepspeed
+        import torch.distributed as dist
+
+        with deepspeed.zero.GatheredParameters([dst], modifier_rank=0):
+            if dist.get_rank() == 0:
+                dst.data.copy_(src)
+        return
+    if dst.is_meta:
+        raise ValueError("cannot load weights into a meta-device model; materialize it first")
+    dst.copy_(src)
+
+
+def tensors_of(module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The module's persistent tensors by state-dict name (parameters stay parameters)."""
+    return {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in skip}
+
+
+def load_into(targets: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], what: str,
+              vocab_keys: tuple[str, ...] = ()) -> None:
+    """Copy `sd` into `targets` by name; names must match exactly, shapes too (vocab rows of
+    `vocab_keys` are fitted first)."""
+    missing = sorted(set(targets) - set(sd))
+    unexpected = sorted(set(sd) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"{what}: checkpoint does not match the model; missing "
+                         f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
+                         f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for name, dst in targets.items():
+        src = sd[name]
+        shape = tuple(getattr(dst, "ds_shape", dst.shape))
+        if name in vocab_keys:
+            src = fit_vocab(src, shape[0])
+        if tuple(src.shape) != shape:
+            raise ValueError(f"{what}: {name} has shape {tuple(src.shape)} in the checkpoint, "
+                             f"{shape} in the model")
+        _copy_(dst, src)
+
+
+_VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _llm_state(sd: Mapping[str, torch.Tensor], llm: nn.Module) -> StateDict:
+    if any(k.startswith("transformer.h.") for k in sd):
+        out = convert_qwen_v1_llm(sd)
+    else:
+        out = {k: v for k, v in sd.items() if k.startswith(("model.", "lm_head."))}
+    if "lm_head.weight" not in out:  # a tied checkpoint (small Qwen2) into an untied model
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    if getattr(llm.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight")  # shared with the embedding; loaded once
+    return out
+
+
+def _llm_targets(llm: nn.Module) -> dict[str, torch.Tensor]:
+    tied = getattr(llm.config, "tie_word_embeddings", False)
+    return tensors_of(llm, skip=("lm_head.weight",) if tied else ())
+
+
+def load_vit_openclip(model: nn.Module, path: str | Path) -> None:
+    sd = convert_openclip_vit(read_state_dict(path), model.vit.cfg.heads)
+    load_into(tensors_of(model.vit), sd, f"OpenCLIP ViT {path}")
+
+
+def load_llm(model: nn.Module, path: str | Path) -> None:
+    """HF Qwen2/Qwen2.5 directory (model.*, lm_head) or a Qwen v1 checkpoint (transformer.*)."""
+    sd = _llm_state(read_state_dict(path), model.llm)
+    load_into(_llm_targets(model.llm), sd, f"LLM {path}", vocab_keys=_VOCAB_KEYS)
+
+
+def load_qwenvl(model: nn.Module, path: str | Path) -> None:
+    """Released Qwen-VL / Qwen-VL-Chat (`transformer.visual.*` + Qwen v1 LLM) -> whole model."""
+    sd = read_state_dict(path)
+    vit, adapter = convert_released_visual(sd)
+    dim, width = model.config.adapter.embed_dim, model.config.vision.width
+    if "kv_proj.weight" not in adapter and dim == width:  # released: Identity when width == D
+        adapter["kv_proj.weight"] = torch.eye(dim)
+    load_into(tensors_of(model.vit), vit, f"Qwen-VL visual {path}")
+    load_into(tensors_of(model.adapter), adapter, f"Qwen-VL resampler {path}")
+    load_into(_llm_targets(model.llm), _llm_state(sd, model.llm), f"Qwen-VL LLM {path}",
+              vocab_keys=_VOCAB_KEYS)
+
+
+def load_init_weights(model: nn.Module, weights: WeightsConfig) -> list[str]:
+    """Apply `model.weights.*`: the whole released model first, then per-part overrides."""
+    done = []
+    if weights.qwenvl:
+        load_qwenvl(model, weights.qwenvl)
+        done.append(f"qwenvl <- {weights.qwenvl}")
+    if weights.vit:
+        load_vit_openclip(model, weights.vit)
+        done.append(f"vit <- {weights.vit}")
+    if weights.llm:
+        load_llm(model, weights.llm)
+        done.append(f"llm <- {weights.llm}")
+    for line in done:
+        log.info("loaded %s", line)
+    return done
+
+
+# ---- consolidated export ----------------------------------------------------------------
+def export_consolidated(model: nn.Module, config: QwenVLConfig, out_dir: str | Path,
+                        state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `model.safetensors`, `config.json` and `llm/` (transformers save_pretrained).
+    Pass `state_dict` when the model's own tensors are partitioned (ZeRO-3)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = dict(state_dict if state_dict is not None else model.state_dict())
+    seen: set[int] = set()
+    tensors: StateDict = {}
+    for key, value in sd.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if ptr in seen else value  # tied weights share storage
+        seen.add(ptr)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    llm_sd = {k[len("llm."):]: v for k, v in tensors.items() if k.startswith("llm.")}
+    model.llm.save_pretrained(str(out / "llm"), state_dict=llm_sd)
+    return out
+
+
+def load_consolidated(model: nn.Module, path: str | Path) -> None:
+    """Load an export (directory or its model.safetensors) strictly into a built model; the
+    image size the model was built for does not matter (the position tables are fixed)."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    cfg_file = file.parent / "config.json"
+    own = getattr(model, "config", None)
+    if cfg_file.is_file() and isinstance(own, QwenVLConfig):
+        saved = QwenVLConfig.from_dict(json.loads(cfg_file.read_text()))
+        for part in ("vision", "adapter", "llm"):
+            if getattr(saved, part) != getattr(own, part):
+                raise ValueError(f"{file}: model.{part} differs from the export's: "
+                                 f"{getattr(own, part)} vs {getattr(saved, part)}")
+    load_into(tensors_of(model), load_file(str(file)), f"consolidated {file}")
