@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qwenvl_train.training.faults import kill_if_armed
+
 LATEST = "latest"
 
 
@@ -59,19 +61,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fault(point: str) -> None:
-    """Fault injection for the crash-safety tests: QWENVL_FAULT=<point> kills the process."""
-    if os.environ.get("QWENVL_FAULT") == point:
-        os._exit(137)
-
-
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
          keep_last: int) -> Path:
     """Save on every rank; move `latest` only after every rank finished writing."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    _fault("after_engine_save")
+    kill_if_armed(f"kill_in_save:{step}")
     torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
     dist.barrier()
     if rank == 0:

@@ -38,7 +38,6 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     # DeepSpeed compiles a shared-memory comm op on first init (tens of seconds on CPU);
     # training never uses it.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

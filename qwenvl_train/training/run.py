@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
 from qwenvl_train.training import checkpoint as ckpt
-from qwenvl_train.training.consolidate import full_state_dict, load_full_state_dict
+from qwenvl_train.training.consolidate import full_state_dict
 from qwenvl_train.training.engine import (
     DistInfo,
     deepspeed_config,
@@ -27,7 +28,12 @@ from qwenvl_train.training.engine import (
     init_distributed,
     initialize_engine,
 )
-from qwenvl_train.training.optim import Schedule, build_optimizer, build_param_groups, build_scheduler
+from qwenvl_train.training.optim import (
+    Schedule,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+)
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 log = logging.getLogger("qwenvl_train")
@@ -56,7 +62,7 @@ def build_qwenvl(cfg: TrainConfig):
     import transformers  # noqa: F401  (must be imported before zero.Init patches modules)
 
     from qwenvl_train.model.qwenvl import build_model
-    from qwenvl_train.model.weights import load_consolidated_state, load_init_weights
+    from qwenvl_train.model.weights import load_consolidated, load_init_weights
 
     seed_everything(cfg.seed)
     context = contextlib.nullcontext()
@@ -69,7 +75,7 @@ def build_qwenvl(cfg: TrainConfig):
     if cfg.init_from:
         source = ckpt.resolve_init_from(cfg.init_from)
         log.info("initialising weights from %s", source)
-        load_full_state_dict(model, load_consolidated_state(source))
+        load_consolidated(model, source)
     else:
         load_init_weights(model, cfg.model.weights)
     return model
@@ -156,17 +162,20 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
         micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
         num_workers=cfg.data.num_workers,
     )
-    state = TrainState()
+    state, meter_state = TrainState(), {}
     tag = ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None
     if tag:
         restored = ckpt.load(engine, run_dir, tag, dist_info.rank)
         state = TrainState(**restored)
         loader.load_state_dict(state.loader)
+        meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
 
     tracker = Tracker.create(cfg.tracking, run_dir, resolved_config, dist_info.rank,
-                             total_steps=cfg.stage.steps, start_step=state.step)
+                             total_steps=cfg.stage.steps, start_step=state.step,
+                             log_every=cfg.log_every)
     meter = ThroughputMeter.create(cfg, dp_size=dp_size, device=dist_info.device)
+    meter.load_state_dict(meter_state)
     trainer = Trainer(cfg, dist_info, engine, loader, tracker, meter, accum,
                       dummy_batch(cfg), state)
     try:
@@ -179,4 +188,24 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
                                       if isinstance(v, (int, float, bool))}}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_rank_result(dist_info, summary, model, param_groups)
     return summary
+
+
+def _write_rank_result(dist_info: DistInfo, summary: dict, model, param_groups) -> None:
+    """Per-rank facts for multi-process tests (only when QWENVL_RESULTS_DIR is set)."""
+    out = os.environ.get("QWENVL_RESULTS_DIR")
+    if not out:
+        return
+    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    result = {
+        "rank": dist_info.rank,
+        "summary": summary,
+        "optimizer_numel": sum(numel(p) for g in param_groups for p in g["params"]),
+        "trainable_numel": sum(numel(p) for p in model.parameters() if p.requires_grad),
+        "optimizer_equals_trainable": in_optimizer == trainable,
+        "frozen_in_optimizer": len(in_optimizer - trainable),
+    }
+    Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))

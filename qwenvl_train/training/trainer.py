@@ -20,6 +20,7 @@ import torch.distributed as dist
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import TASKS
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training import faults
 from qwenvl_train.training.engine import DistInfo
 from qwenvl_train.training.optim import lr_by_module_group
 
@@ -40,6 +41,7 @@ class TrainState:
     loader: dict = field(default_factory=dict)
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
+    meter: dict = field(default_factory=dict)
 
 
 class PreemptionFlag:
@@ -93,6 +95,9 @@ class Trainer:
         inputs = _to_device(batch, self.dist.device, self.param_dtype)
         task_ids = inputs.pop("task_ids")
         out = self.engine(**inputs)
+        if faults.armed(f"nan_loss:{self.state.step + 1}") and self.dist.rank == \
+                self.dist.world_size - 1:
+            out.loss = out.loss * float("nan")
         finite = bool(torch.isfinite(out.loss).item())
         # Every rank must take the same path, or the collectives inside backward hang.
         if _any_rank(not finite, self.dist.device):
@@ -133,7 +138,8 @@ class Trainer:
         t0 = time.perf_counter()
         losses, finite_all = [], True
         task_sums = torch.zeros(len(TASKS), 2, device=self.dist.device, dtype=torch.float64)
-        counts = {"samples": 0, "images": 0, "tokens": 0, "real_tokens": 0}
+        counts = {"samples": 0, "images": 0, "tokens": 0, "real_tokens": 0, "loss_tokens": 0,
+                  "seg_sq_tokens": 0}
         for micro in range(self.accum):
             batch = next(data_iter)
             loss, sums, finite = self._micro_step(batch)
@@ -144,6 +150,8 @@ class Trainer:
             counts["images"] += int(batch["num_images"])
             counts["tokens"] += int(batch["input_ids"].numel())
             counts["real_tokens"] += int(batch["num_real_tokens"])
+            counts["loss_tokens"] += int((batch["labels"] != -100).sum())
+            counts["seg_sq_tokens"] += _segment_sq_tokens(batch["segment_ids"])
             if micro == self.accum - 1 and not finite_all:
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = 0.0  # skip: no parameter moves in this step
@@ -169,8 +177,10 @@ class Trainer:
             result = self._optimizer_step(data_iter)
             state.step += 1
             last = self._log(result)
+            faults.kill_if_armed(f"kill_after_step:{state.step}")
             stop = _any_rank(self.preempt.requested, self.dist.device)
-            if stop or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.stage.steps:
+            at_end = state.step == cfg.stage.steps
+            if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if stop:
                 log.warning("SIGTERM received: checkpoint saved at step %d, exiting", state.step)
@@ -180,6 +190,7 @@ class Trainer:
 
     def save(self) -> None:
         self.state.loader = self.loader.state_dict()
+        self.state.meter = self.meter.state_dict()
         ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
                   self.dist.rank, self.cfg.checkpoint.keep_last)
 
@@ -211,3 +222,12 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
+
+
+def _segment_sq_tokens(segment_ids: torch.Tensor) -> int:
+    """Sum over packed samples of length^2 (attention cost of block-diagonal rows)."""
+    total = 0
+    for row in segment_ids:
+        lengths = torch.bincount(row[row > 0])
+        total += int((lengths.long() ** 2).sum())
+    return total
