@@ -1,4 +1,5 @@
-"""`qwenvl-data`: data tools (inspect shards, convert public formats, build the demo set)."""
+"""`qwenvl-data`: data tools (inspect shards, convert public formats, build the demo set,
+evaluate an export)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     from data_recipes import cli as recipes_cli
 
     recipes_cli.register(sub)
+    from qwenvl_train.eval import run_eval
+
+    run_eval.register(sub)
     return parser
 
 
