@@ -1,0 +1,83 @@
+"""`DataConfig`: the `data` Hydra group (an OmegaConf structured schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALL_SHARDS = "**/*.tar"
+
+
+@dataclass
+class SourceConfig:
+    """One named data source: shard patterns relative to `DataConfig.root` and a weight."""
+
+    shards: str = "*.tar"  # brace pattern and/or glob; several separated by spaces
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    root: str = "demo_data"
+    build_demo_if_missing: bool = True
+    # name -> source. Sources a stage template cannot use (per the shard manifests) are
+    # dropped for that stage and the remaining weights renormalised. Empty: one source
+    # "all" = every .tar under root. (Empty by default because OmegaConf merges dicts key
+    # by key: a non-empty default would survive in every YAML that names its own sources.)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    num_workers: int = 1
+    prefetch_factor: int = 2
+    shuffle: bool = True              # reshuffle shard order and in-shard order per epoch
+    max_consecutive_bad: int = 32     # more bad samples in a row than this stop the run
+    max_image_pixels: int = 89478485  # PIL's decompression-bomb limit
+    pack_buffer: int = 4              # open rows per task while packing (first-fit)
+    pad_to_multiple_of: int = 8       # unpacked rows: pad the batch to a multiple of this
+    use_manifests: bool = True        # skip shards whose manifest has no usable task
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.root:
+            raise ValueError(f"{prefix}.root: must be a non-empty path")
+        for name, src in self.sources.items():
+            shards = src["shards"] if isinstance(src, dict) else src.shards
+            weight = src["weight"] if isinstance(src, dict) else src.weight
+            if not isinstance(shards, str) or not shards.strip():
+                raise ValueError(f"{prefix}.sources.{name}.shards: a non-empty pattern")
+            if not weight > 0:
+                raise ValueError(f"{prefix}.sources.{name}.weight: must be > 0, got {weight}")
+        for key, low in (("num_workers", 0), ("prefetch_factor", 1),
+                         ("max_consecutive_bad", 0), ("max_image_pixels", 1),
+                         ("pack_buffer", 1), ("pad_to_multiple_of", 1)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"{prefix}.{key}: must be an int >= {low}, got {v!r}")
+
+
+TEMPLATES = ("pretrain", "multitask", "sft")
+
+
+def stage_value(stage_cfg: object, key: str, default: object = None) -> object:
+    """Read `key` from a stage config given as a dict, DictConfig or dataclass."""
+    if isinstance(stage_cfg, dict):
+        return stage_cfg.get(key, default)
+    try:
+        return stage_cfg[key]  # DictConfig
+    except (KeyError, TypeError, AttributeError):
+        return getattr(stage_cfg, key, default)
+
+
+def as_data_config(cfg: object) -> DataConfig:
+    """Accept a DataConfig, a DictConfig of the `data` group or a plain dict."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    cfg = dict(cfg)
+    known = DataConfig.__dataclass_fields__
+    sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s)
+               for n, s in (cfg.pop("sources", None) or {}).items()}
+    return DataConfig(sources=sources, **{k: v for k, v in cfg.items() if k in known})
