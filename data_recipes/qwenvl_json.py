@@ -1,0 +1,111 @@
+"""Official Qwen-VL fine-tuning JSON -> `chat` samples.
+
+Source: a JSON array of `{"id": ..., "conversations": [{"from": "user"|"assistant",
+"value": ...}]}` (the format of the Qwen-VL repository's finetune script). Images are
+written inline as `Picture 1: <img>path</img>\\n`; boxes as
+`<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` with integers in [0, 1000), possibly several
+`<box>` after one `<ref>`, or a `<box>` without a `<ref>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from data_recipes.common import Converted, Skip, load_image, resolve
+from data_recipes.jsonstream import iter_records
+from data_recipes.runner import Converter
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "system": "system"}
+
+_BOX = r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>"
+_TOKEN = re.compile(
+    r"(?:Picture \d+: ?)?<img>(?P<img>.*?)</img>\n?"
+    r"|(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:" + _BOX + r")+)"
+)
+_ONE_BOX = re.compile(_BOX)
+
+
+def _box_1000(m: re.Match) -> list[int]:
+    # The format promises [0, 1000); a few released samples say 1000: clamp them.
+    return [min(999, max(0, int(v))) for v in m.groups()]
+
+
+def parse_value(text: str, image_paths: list[str]) -> list[dict[str, Any]]:
+    """Split one turn's text into content parts. Each `<img>` appends its path to
+    `image_paths` (a repeated path is a new image: every image appears exactly once)."""
+    parts: list[dict[str, Any]] = []
+    pos = 0
+
+    def add_text(s: str) -> None:
+        if s:
+            parts.append({"type": "text", "text": s})
+
+    for m in _TOKEN.finditer(text):
+        add_text(text[pos : m.start()])
+        pos = m.end()
+        if m.group("img") is not None:
+            image_paths.append(m.group("img").strip())
+            parts.append({"type": "image", "image": len(image_paths) - 1})
+        else:
+            boxes = [_box_1000(b) for b in _ONE_BOX.finditer(m.group("boxes"))]
+            parts.append({"type": "box", "ref": m.group("ref"), "boxes_1000": boxes})
+    add_text(text[pos:])
+    return parts
+
+
+def conversation_to_messages(
+    turns: list[dict[str, Any]], image_paths: list[str]
+) -> list[dict[str, Any]]:
+    messages = []
+    for t in turns:
+        role = ROLES.get(str(t.get("from", "")).lower())
+        if role is None:
+            raise Skip("unknown_role", str(t.get("from")))
+        value = t.get("value")
+        if not isinstance(value, str):
+            raise Skip("bad_turn")
+        parts = parse_value(value, image_paths)
+        if not parts:
+            raise Skip("empty_turn")
+        messages.append({"role": role, "content": parts})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise Skip("no_assistant_turn")
+    return messages
+
+
+def load_images(paths: list[str], root: str | None) -> tuple[list[dict], list[tuple[str, bytes]]]:
+    sizes, members = [], []
+    for p in paths:
+        im = load_image(resolve(root, p))
+        sizes.append({"width": im.width, "height": im.height})
+        members.append((im.ext, im.data))
+    return sizes, members
+
+
+class QwenVLJson(Converter):
+    name = "qwenvl_json"
+    task = "chat"
+
+    def __init__(self, src: str, image_root: str | None = None, source: str = "qwenvl_sft"):
+        self.src = src
+        self.image_root = image_root or os.path.dirname(os.path.abspath(src))
+        self.source = source
+
+    def items(self) -> Iterator[Any]:
+        yield from enumerate(iter_records(self.src))
+
+    def convert(self, item: Any) -> Converted:
+        index, rec = item
+        turns = rec.get("conversations") if isinstance(rec, dict) else None
+        if not turns:
+            raise Skip("no_conversations")
+        image_paths: list[str] = []
+        messages = conversation_to_messages(turns, image_paths)
+        sizes, members = load_images(image_paths, self.image_root)
+        record = {"task": "chat", "source": self.source, "images": sizes,
+                  "messages": messages}
+        return Converted(f"{index:09d}", record, members)

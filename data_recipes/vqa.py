@@ -1,0 +1,171 @@
+"""VQA sources -> `vqa` samples.
+
+- VQAv2: `v2_OpenEnded_mscoco_train2014_questions.json` ({data_subtype, questions: [{image_id,
+  question, question_id}]}) + `v2_mscoco_train2014_annotations.json` ({annotations:
+  [{question_id, answers: [{answer}...] (10), multiple_choice_answer}]}) + COCO images
+  `COCO_train2014_{image_id:012d}.jpg` (2017 names `{image_id:012d}.jpg` also found).
+  Answer: the most common of the 10 human answers (default) or `multiple_choice_answer`.
+- GQA balanced: `train_balanced_questions.json`, one object {question_id: {imageId,
+  question, answer, fullAnswer, ...}} + `images/{imageId}.jpg`.
+- Any table of (image, question, answer) rows (`vqa_table`): parquet / JSON(L), e.g. the
+  Hugging Face exports of DocVQA, TextVQA, ChartQA, OCR-VQA, AI2D, DVQA. The answer field
+  may hold a string, a list of strings or VQAv2-style dicts (the most common one is taken).
+
+`qa_per_sample` > 1 groups consecutive questions on the same image into one sample
+(fewer copies of the image in the shards); 1 keeps the paper's one-question samples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from data_recipes.common import Converted, Skip, clean_key, load_image, row_image
+from data_recipes.jsonstream import iter_array, iter_object, top_level_scalars
+from data_recipes.runner import Converter
+from data_recipes.wds import expand_sources, iter_table
+
+
+def most_common_answer(answers: list[dict[str, Any]]) -> str | None:
+    """Majority of the human answers; ties go to the answer given first."""
+    texts = [" ".join(str(a.get("answer", "")).split()) for a in answers]
+    texts = [t for t in texts if t]
+    return Counter(texts).most_common(1)[0][0] if texts else None
+
+
+def group_consecutive(items: Iterator[tuple[Any, dict]], limit: int) -> Iterator[Any]:
+    """(image, qa) pairs -> (image, [qa, ...]) with at most `limit` per group."""
+    image, group = None, []
+    for img, qa in items:
+        if group and (img != image or len(group) >= limit):
+            yield image, group
+            group = []
+        image = img
+        group.append(qa)
+    if group:
+        yield image, group
+
+
+class _VQABase(Converter):
+    task = "vqa"
+
+    def _pairs(self) -> Iterator[tuple[Any, dict]]:
+        raise NotImplementedError
+
+    def _image_path(self, image_id: Any) -> str:
+        raise NotImplementedError
+
+    def items(self) -> Iterator[Any]:
+        yield from group_consecutive(self._pairs(), self.qa_per_sample)
+
+    def _image(self, image_id: Any):
+        return load_image(self._image_path(image_id))
+
+    def convert(self, item: Any) -> Converted:
+        image_id, qas = item
+        qas = [q for q in qas if q["answer"]]
+        if not qas:
+            raise Skip("no_answer")
+        im = self._image(image_id)
+        record = {"task": "vqa", "source": self.source,
+                  "images": [{"width": im.width, "height": im.height}],
+                  "qa": [{"question": q["question"], "answer": q["answer"]} for q in qas]}
+        return Converted(clean_key(f"q{qas[0]['id']}"), record, [(im.ext, im.data)])
+
+
+class VQAv2(_VQABase):
+    name = "vqav2"
+    option_choices = {"answer": ("most_common", "multiple_choice")}
+
+    def __init__(self, src: str, annotations: str | None = None, image_root: str | None = None,
+                 answer: str = "most_common", qa_per_sample: int = 1, source: str = "vqav2"):
+        if answer not in ("most_common", "multiple_choice"):
+            raise ValueError(f"answer: {answer!r}, expected most_common | multiple_choice")
+        self.src, self.annotations, self.image_root = src, annotations, image_root
+        self.answer, self.qa_per_sample, self.source = answer, qa_per_sample, source
+        self.subtype = str(top_level_scalars(src).get("data_subtype", ""))
+
+    def _pairs(self) -> Iterator[tuple[Any, dict]]:
+        answers: dict[Any, str | None] = {}
+        if self.annotations:
+            for a in iter_array(self.annotations, "annotations"):
+                if self.answer == "most_common":
+                    answers[a["question_id"]] = most_common_answer(a.get("answers") or [])
+                else:
+                    answers[a["question_id"]] = a.get("multiple_choice_answer")
+        for q in iter_array(self.src, "questions"):
+            qa = {"id": q["question_id"], "question": " ".join(str(q["question"]).split()),
+                  "answer": answers.get(q["question_id"])}
+            yield q["image_id"], qa
+
+    def _image_path(self, image_id: Any) -> str:
+        root = self.image_root or os.path.dirname(os.path.abspath(self.src))
+        name = os.path.join(root, f"COCO_{self.subtype}_{int(image_id):012d}.jpg")
+        if not os.path.exists(name):
+            alt = os.path.join(root, f"{int(image_id):012d}.jpg")
+            name = alt if os.path.exists(alt) else name
+        return name
+
+
+class GQA(_VQABase):
+    name = "gqa"
+    option_choices = {"answer": ("short", "full")}
+
+    def __init__(self, src: str, image_root: str | None = None, answer: str = "short",
+                 qa_per_sample: int = 1, source: str = "gqa"):
+        if answer not in ("short", "full"):
+            raise ValueError(f"answer: {answer!r}, expected short | full")
+        self.src, self.answer, self.qa_per_sample, self.source = src, answer, qa_per_sample, source
+        self.image_root = image_root or os.path.join(
+            os.path.dirname(os.path.abspath(src)), "images")
+
+    def _pairs(self) -> Iterator[tuple[Any, dict]]:
+        field = "answer" if self.answer == "short" else "fullAnswer"
+        for qid, q in iter_object(self.src):
+            ans = " ".join(str(q.get(field) or "").split()) or None
+            yield q["imageId"], {"id": qid, "question": q["question"], "answer": ans}
+
+    def _image_path(self, image_id: Any) -> str:
+        return os.path.join(self.image_root, f"{image_id}.jpg")
+
+
+def answer_of(value: Any) -> str | None:
+    """A string, a list of strings (majority) or VQAv2-style [{"answer": ...}] dicts."""
+    if isinstance(value, str):
+        return " ".join(value.split()) or None
+    if isinstance(value, list) and value:
+        return most_common_answer([v if isinstance(v, dict) else {"answer": v} for v in value])
+    return None
+
+
+class VQATable(_VQABase):
+    """Rows of (image, question, answer) from parquet / JSON(L) files -> `vqa`."""
+
+    name = "vqa_table"
+
+    def __init__(self, src: str, image_root: str | None = None, question_field: str = "question",
+                 answer_field: str = "answers", image_field: str = "image",
+                 qa_per_sample: int = 1, source: str = "vqa"):
+        self.src, self.image_root, self.source = src, image_root, source
+        self.question_field, self.answer_field = question_field, answer_field
+        self.image_field, self.qa_per_sample = image_field, qa_per_sample
+
+    def _pairs(self) -> Iterator[tuple[Any, dict]]:
+        index = 0
+        for path in expand_sources(self.src, (".parquet", ".jsonl", ".json")):
+            for row in iter_table(path):
+                q = " ".join(str(row.get(self.question_field) or "").split())
+                ans = row.get(self.answer_field, row.get("answer"))
+                img = row.get(self.image_field)
+                # Rows carrying image bytes travel with the item; paths are read in the worker.
+                image = img if isinstance(img, str) else {self.image_field: img,
+                                                          "key": row.get("key")}
+                yield image, {"id": row.get("question_id", index), "question": q,
+                              "answer": answer_of(ans) if q else None}
+                index += 1
+
+    def _image(self, image_id: Any):
+        row = {self.image_field: image_id} if isinstance(image_id, str) else image_id
+        return row_image(row, self.image_root, self.image_field)
