@@ -203,7 +203,8 @@ def to_schema(cfg: DictConfig | dict) -> TrainConfig:
         typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}") from None
+        detail = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{key}: {detail}") from None
     try:
         typed.validate()
     except ConfigError:

@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 from qwenvl_train.model.groups import count_by_group, group_of, set_trainable, skips_weight_decay
-from qwenvl_train.training.optim import Schedule, build_optimizer, build_param_groups, build_scheduler
+from qwenvl_train.training.optim import (
+    Schedule,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+)
 
 
 def test_cosine_schedule_values():

@@ -20,13 +20,11 @@ from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
 from qwenvl_train.training import checkpoint as ckpt
-from qwenvl_train.training.consolidate import full_state_dict
 from qwenvl_train.training.engine import (
     DistInfo,
     deepspeed_config,
     grad_accumulation_steps,
     init_distributed,
-    initialize_engine,
 )
 from qwenvl_train.training.optim import (
     Schedule,
@@ -86,25 +84,35 @@ def _zero3_init_config(cfg: TrainConfig) -> dict:
             "zero_optimization": {"stage": 3}}
 
 
-def freeze_and_group(cfg: TrainConfig, model) -> list[dict]:
+def freeze(cfg: TrainConfig, model) -> None:
+    """requires_grad from the stage's trainable groups; log counts; refuse empty groups."""
     post = cfg.model.adapter.post_group
     groups.set_trainable(model, cfg.stage.trainable, post)
     counts = groups.check_trainable_groups(model, cfg.stage.trainable, post)
-    param_groups, infos = build_param_groups(
-        model,
-        weight_decay=cfg.stage.optim.weight_decay,
-        group_lr_scale=dict(cfg.stage.optim.group_lr_scale),
-        vit_layer_decay=cfg.stage.optim.vit_layer_decay,
-        num_vit_layers=cfg.model.vision.layers,
-        post_group=post,
-    )
+    _, infos = param_groups_of(cfg, model)
     for name, c in counts.items():
         scales = [i.lr_scale for i in infos if i.name.startswith(name + "/")]
         lr_range = (f"lr x[{min(scales):.4f}, {max(scales):.4f}] of {cfg.stage.optim.lr:g}"
                     if scales else "frozen")
         log.info("group %-7s params %14s  trainable %14s  %s", name, f"{c.total:,}",
                  f"{c.trainable:,}", lr_range)
-    return param_groups
+
+
+def param_groups_of(cfg: TrainConfig, module) -> tuple[list[dict], list]:
+    return build_param_groups(
+        module,
+        weight_decay=cfg.stage.optim.weight_decay,
+        group_lr_scale=dict(cfg.stage.optim.group_lr_scale),
+        vit_layer_decay=cfg.stage.optim.vit_layer_decay,
+        num_vit_layers=cfg.model.vision.layers,
+        post_group=cfg.model.adapter.post_group,
+    )
+
+
+def freeze_and_group(cfg: TrainConfig, model) -> list[dict]:
+    """Freeze and build the optimizer groups of a plain (unparallelised) model."""
+    freeze(cfg, model)
+    return param_groups_of(cfg, model)[0]
 
 
 def dummy_batch(cfg: TrainConfig) -> dict:
@@ -122,24 +130,27 @@ def dummy_batch(cfg: TrainConfig) -> dict:
     }
 
 
-def export(cfg: TrainConfig, engine, dist_info: DistInfo) -> Path | None:
+def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
+    """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
+    from qwenvl_train.model.qwenvl import build_model
     from qwenvl_train.model.weights import export_consolidated
 
-    state = full_state_dict(engine.module)
+    state = par.full_state_dict()  # collective; full tensors on rank 0
     out = Path(cfg.run_dir) / "export"
     if dist_info.is_main:
-        export_consolidated(engine.module, cfg.model, out, state_dict=state)
+        with torch.device("meta"):  # names and the LLM config only; no memory
+            skeleton = build_model(cfg.model, image_size=cfg.stage.image_size)
+        export_consolidated(skeleton, cfg.model, out, state_dict=state)
     dist.barrier()
     return out
 
 
 def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     from qwenvl_train.data.loader import build_loader
+    from qwenvl_train.training.parallel import parallelize
     from qwenvl_train.training.tracking import ThroughputMeter, Tracker
 
     dist_info = init_distributed()
-    dp_size = dist_info.world_size // (cfg.parallel.pp * cfg.parallel.tp)
-    accum = grad_accumulation_steps(cfg, dp_size)
     run_dir = Path(cfg.run_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,65 +158,71 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     ensure_data(cfg, dist_info)
 
     model = build_qwenvl(cfg)
-    param_groups = freeze_and_group(cfg, model)
+    freeze(cfg, model)
+    par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
+    dp_size = par.sizes.dp
+    accum = grad_accumulation_steps(cfg, dp_size)
+    param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
+    optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
+                       else {})  # measured before DeepSpeed flattens the groups
     optim = cfg.stage.optim
     optimizer = build_optimizer(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
     schedule = Schedule(optim.lr, optim.min_lr, optim.warmup_steps, cfg.stage.steps,
                         optim.schedule)
     scheduler = build_scheduler(optimizer, schedule)
-    engine = initialize_engine(model, optimizer, scheduler, deepspeed_config(cfg, dp_size))
+    engine = par.initialize(optimizer, scheduler, deepspeed_config(cfg, dp_size))
+    del model
 
-    loader = build_loader(
-        cfg.data, cfg.stage, get_tokenizer(),
-        num_image_tokens=cfg.model.adapter.num_queries, dp_rank=dist_info.rank // (
-            cfg.parallel.pp * cfg.parallel.tp), dp_size=dp_size,
-        micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-    )
+    loader = None
+    if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
+        loader = build_loader(
+            cfg.data, cfg.stage, get_tokenizer(),
+            num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
+            dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+        )
     state, meter_state = TrainState(), {}
     tag = ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None
     if tag:
-        restored = ckpt.load(engine, run_dir, tag, dist_info.rank)
-        state = TrainState(**restored)
-        loader.load_state_dict(state.loader)
+        state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
+        if loader is not None:
+            loader.load_state_dict(state.loader)
         meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
+    data = par.batches(iter(loader) if loader is not None else None)
 
     tracker = Tracker.create(cfg.tracking, run_dir, resolved_config, dist_info.rank,
                              total_steps=cfg.stage.steps, start_step=state.step,
                              log_every=cfg.log_every)
     meter = ThroughputMeter.create(cfg, dp_size=dp_size, device=dist_info.device)
     meter.load_state_dict(meter_state)
-    trainer = Trainer(cfg, dist_info, engine, loader, tracker, meter, accum,
+    trainer = Trainer(cfg, dist_info, engine, par, loader, data, tracker, meter, accum,
                       dummy_batch(cfg), state)
     try:
         last = trainer.fit()
         if cfg.export_at_end and state.step >= cfg.stage.steps:
-            export(cfg, engine, dist_info)
+            export(cfg, par, dist_info)
     finally:
         tracker.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
                                       if isinstance(v, (int, float, bool))}}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _write_rank_result(dist_info, summary, model, param_groups)
+    out = os.environ.get("QWENVL_RESULTS_DIR")
+    if out:  # per-rank facts for the multi-process tests
+        result = {"rank": dist_info.rank, "summary": summary, **optimizer_check}
+        Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))
     return summary
 
 
-def _write_rank_result(dist_info: DistInfo, summary: dict, model, param_groups) -> None:
-    """Per-rank facts for multi-process tests (only when QWENVL_RESULTS_DIR is set)."""
-    out = os.environ.get("QWENVL_RESULTS_DIR")
-    if not out:
-        return
+def _optimizer_check(model, param_groups: list[dict]) -> dict:
+    """Does the optimizer hold exactly the trainable parameters?"""
     numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
     in_optimizer = {id(p) for g in param_groups for p in g["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    result = {
-        "rank": dist_info.rank,
-        "summary": summary,
+    return {
         "optimizer_numel": sum(numel(p) for g in param_groups for p in g["params"]),
         "trainable_numel": sum(numel(p) for p in model.parameters() if p.requires_grad),
         "optimizer_equals_trainable": in_optimizer == trainable,
         "frozen_in_optimizer": len(in_optimizer - trainable),
     }
-    Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))

@@ -26,7 +26,7 @@ from qwenvl_train.training.optim import lr_by_module_group
 
 log = logging.getLogger("qwenvl_train")
 
-_BATCH_TENSORS = ("input_ids", "labels", "position_ids", "segment_ids", "images", "task_ids")
+_MODEL_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids", "images")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,7 +57,7 @@ class PreemptionFlag:
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {}
-    for key in _BATCH_TENSORS:
+    for key in _MODEL_INPUTS:
         value = batch[key]
         if key == "images":
             value = value.to(device=device, dtype=dtype, non_blocking=True)
@@ -73,17 +73,20 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+def _mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
     values = values.detach().clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values / dist.get_world_size(group)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, loader, tracker,
-                 meter, accum: int, dummy_batch: dict, state: TrainState):
-        self.cfg, self.dist, self.engine = cfg, dist_info, engine
-        self.loader, self.tracker, self.meter = loader, tracker, meter
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, par, loader, data,
+                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState):
+        """`par` is the layout (training/parallel.py); `loader` is None on ranks that do not
+        read data (pipeline/TP peers); `data` yields this rank's micro-batches."""
+        self.cfg, self.dist, self.engine, self.par = cfg, dist_info, engine, par
+        self.loader, self.data = loader, data
+        self.tracker, self.meter = tracker, meter
         self.accum, self.dummy_batch, self.state = accum, dummy_batch, state
         self.param_dtype = next(engine.module.parameters()).dtype
         self.preempt = PreemptionFlag()
@@ -93,7 +96,6 @@ class Trainer:
     def _micro_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Forward + backward of one micro-batch; returns (loss, per-task sums, finite)."""
         inputs = _to_device(batch, self.dist.device, self.param_dtype)
-        task_ids = inputs.pop("task_ids")
         out = self.engine(**inputs)
         if faults.armed(f"nan_loss:{self.state.step + 1}") and self.dist.rank == \
                 self.dist.world_size - 1:
@@ -109,7 +111,8 @@ class Trainer:
             self.engine.backward(dummy.loss * 0.0)
             return torch.zeros((), device=self.dist.device), self._task_sums(), False
         self.engine.backward(out.loss)
-        sums = self._task_sums(out.token_loss.detach(), task_ids, inputs["labels"])
+        sums = self._task_sums(out.token_loss.detach(), batch["task_ids"].to(self.dist.device),
+                               inputs["labels"])
         return out.loss.detach(), sums, True
 
     def _task_sums(self, token_loss=None, task_ids=None, labels=None) -> torch.Tensor:
@@ -138,20 +141,14 @@ class Trainer:
         t0 = time.perf_counter()
         losses, finite_all = [], True
         task_sums = torch.zeros(len(TASKS), 2, device=self.dist.device, dtype=torch.float64)
-        counts = {"samples": 0, "images": 0, "tokens": 0, "real_tokens": 0, "loss_tokens": 0,
-                  "seg_sq_tokens": 0}
+        batches = []
         for micro in range(self.accum):
             batch = next(data_iter)
+            batches.append(batch)
             loss, sums, finite = self._micro_step(batch)
             finite_all &= finite
             losses.append(loss)
             task_sums += sums
-            counts["samples"] += int(batch["num_samples"])
-            counts["images"] += int(batch["num_images"])
-            counts["tokens"] += int(batch["input_ids"].numel())
-            counts["real_tokens"] += int(batch["num_real_tokens"])
-            counts["loss_tokens"] += int((batch["labels"] != -100).sum())
-            counts["seg_sq_tokens"] += _segment_sq_tokens(batch["segment_ids"])
             if micro == self.accum - 1 and not finite_all:
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = 0.0  # skip: no parameter moves in this step
@@ -159,22 +156,44 @@ class Trainer:
                 lrs = lr_by_module_group(self.engine.optimizer)
             # DeepSpeed counts micro-steps here and updates only at the boundary.
             self.engine.step()
+        counts = _counts(batches)
         if finite_all:
             self.state.consecutive_nonfinite = 0
         else:
             self.state.skipped_steps += 1
-        loss = _mean_over_ranks(torch.stack(losses).mean()).item()
+        group = self.par.dp_group
+        loss = _mean_over_ranks(torch.stack(losses).mean(), group).item()
         return {"loss": loss, "finite": finite_all, "lr": lrs,
-                "task_sums": _sum_over_ranks(task_sums), "counts": counts,
+                "task_sums": _sum_over_ranks(task_sums, group), "counts": counts,
+                "time": time.perf_counter() - t0}
+
+    def _pipeline_step(self, data) -> dict:
+        """Pipeline layouts: DeepSpeed's train_batch runs the micro-batch schedule; a
+        non-finite gradient norm makes ZeRO-1 skip the update on every stage."""
+        t0 = time.perf_counter()
+        lrs = lr_by_module_group(self.engine.optimizer)
+        out = self.par.train_step(self.engine, data)
+        counts = _counts(out["batches"])
+        if out["skipped"] or not out["finite"]:
+            keys = [k for b in out["batches"] for k in b.get("keys", [])]
+            self._report_nonfinite({"keys": keys}, torch.tensor(out["loss"]))
+            self.state.skipped_steps += 1
+            lrs = dict.fromkeys(lrs, 0.0)
+        else:
+            self.state.consecutive_nonfinite = 0
+        return {"loss": out["loss"], "finite": not out["skipped"], "lr": lrs,
+                "task_sums": out["task_sums"], "counts": counts,
                 "time": time.perf_counter() - t0}
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, state = self.cfg, self.state
-        data_iter = iter(self.loader)
         last = {}
         while state.step < cfg.stage.steps:
-            result = self._optimizer_step(data_iter)
+            if self.par.is_pipeline:
+                result = self._pipeline_step(self.data)
+            else:
+                result = self._optimizer_step(self.data)
             state.step += 1
             last = self._log(result)
             faults.kill_if_armed(f"kill_after_step:{state.step}")
@@ -189,7 +208,7 @@ class Trainer:
         return last
 
     def save(self) -> None:
-        self.state.loader = self.loader.state_dict()
+        self.state.loader = self.loader.state_dict() if self.loader is not None else {}
         self.state.meter = self.meter.state_dict()
         ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
                   self.dist.rank, self.cfg.checkpoint.keep_last)
@@ -207,8 +226,8 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(self.meter.update(result["counts"], result["time"]))
-        metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()
-                        if isinstance(v, (int, float))})
+        stats = self.loader.stats() if self.loader is not None else {}
+        metrics.update({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
         if self.dist.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -217,10 +236,24 @@ class Trainer:
         return metrics
 
 
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+def _sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def _counts(batches: list[dict]) -> dict[str, int]:
+    """This replica's work in a step, for throughput and MFU."""
+    counts = dict.fromkeys(("samples", "images", "tokens", "real_tokens", "loss_tokens",
+                            "seg_sq_tokens"), 0)
+    for batch in batches:
+        counts["samples"] += int(batch["num_samples"])
+        counts["images"] += int(batch["num_images"])
+        counts["tokens"] += int(batch["input_ids"].numel())
+        counts["real_tokens"] += int(batch["num_real_tokens"])
+        counts["loss_tokens"] += int((batch["labels"] != -100).sum())
+        counts["seg_sq_tokens"] += _segment_sq_tokens(batch["segment_ids"])
+    return counts
 
 
 

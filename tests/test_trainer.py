@@ -1,0 +1,131 @@
+"""End-to-end trainer runs on the tiny model and the small demo set, through torchrun."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from trainer_helpers import (
+    TRAIN,
+    equal_tensors,
+    export_state,
+    initial_state,
+    losses,
+    metrics,
+    overrides,
+    split_by_group,
+)
+
+from qwenvl_train.training.checkpoint import latest_tag
+
+pytestmark = pytest.mark.slow
+
+
+def test_stage1_two_ranks_trains_adapter_and_vit_keeps_llm_frozen(torchrun, demo_data, tmp_path):
+    run = tmp_path / "s1"
+    args = overrides(run, demo_data, "parallel=zero2", "tracking=wandb_offline",
+                     "stage.optim.lr=1e-3", steps=8)
+    result = torchrun([*TRAIN, *args], nproc=2)
+    loss = losses(run)
+    assert sorted(loss) == list(range(1, 9))
+    first, last = sum(loss[s] for s in (1, 2)) / 2, sum(loss[s] for s in (7, 8)) / 2
+    assert last < first, loss
+    before, after = split_by_group(initial_state()), split_by_group(export_state(run))
+    assert equal_tensors(before["llm"], after["llm"]) == []          # frozen: bitwise equal
+    assert len(equal_tensors(before["vit"], after["vit"])) > 0        # trained: changed
+    assert len(equal_tensors(before["adapter"], after["adapter"])) > 0
+    for rank in (0, 1):
+        r = result.ranks[rank]
+        assert r["optimizer_equals_trainable"] and r["frozen_in_optimizer"] == 0
+    assert latest_tag(run) == "step_0000008"
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert (run / "export" / "llm" / "config.json").exists()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses(torchrun, demo_data, tmp_path,
+                                                               zero):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    torchrun([*TRAIN, *overrides(ref, demo_data, f"parallel=zero{zero}")], nproc=2)
+    killed = torchrun([*TRAIN, *overrides(run, demo_data, f"parallel=zero{zero}")], nproc=2,
+                      env={"QWENVL_FAULT": "kill_after_step:5"}, check=False)
+    assert killed.returncode != 0
+    assert latest_tag(run) == "step_0000004" and max(losses(run)) == 5
+    torchrun([*TRAIN, *overrides(run, demo_data, f"parallel=zero{zero}")], nproc=2)
+    assert losses(run) == losses(ref)  # bitwise-equal floats for all 6 steps
+
+
+def test_kill_during_save_keeps_previous_checkpoint_loadable(torchrun, demo_data, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    torchrun([*TRAIN, *overrides(ref, demo_data, "parallel=zero2", steps=4)], nproc=2)
+    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", steps=4)], nproc=2,
+             env={"QWENVL_FAULT": "kill_in_save:4"}, check=False)
+    assert latest_tag(run) == "step_0000002"   # step 4 was half-written; latest did not move
+    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", steps=4)], nproc=2)
+    assert latest_tag(run) == "step_0000004"
+    assert losses(run) == losses(ref)
+
+
+def test_nan_loss_skips_the_step_on_all_ranks_or_stops(torchrun, demo_data, tmp_path):
+    run = tmp_path / "skip"
+    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", steps=4)], nproc=2,
+             env={"QWENVL_FAULT": "nan_loss:3"})
+    rows = {m["step"]: m for m in metrics(run)}
+    assert rows[3]["skipped_steps"] == 1 and rows[2]["skipped_steps"] == 0
+    assert all(v == 0.0 for k, v in rows[3].items() if k.startswith("lr/"))
+    stop = tmp_path / "stop"
+    failed = torchrun([*TRAIN, *overrides(stop, demo_data, "parallel=zero2", "nan_policy=stop",
+                                          steps=4)], nproc=2, env={"QWENVL_FAULT": "nan_loss:3"},
+                      check=False)
+    assert failed.returncode != 0
+    assert "non-finite loss at step 3" in failed.output and "batch keys" in failed.output
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_data, tmp_path):
+    from conftest import REPO, _env
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, *TRAIN, *overrides(run, demo_data, steps=400)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+            (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    step = max(losses(run))
+    assert 3 <= step < 400
+    assert latest_tag(run) == f"step_{step:07d}"
+    assert json.loads((run / "summary.json").read_text())["preempted"] is True
+
+
+def test_text_only_rank_does_not_hang_under_zero3(torchrun, tmp_path):
+    result = torchrun(["tests/workers/text_only_rank.py", str(tmp_path)], nproc=2, timeout=180)
+    assert result.ranks[0]["steps"] == result.ranks[1]["steps"] == 2
+    assert result.ranks[1]["num_images"] == 0 and result.ranks[0]["num_images"] > 0
+    assert result.ranks[0]["losses"] == result.ranks[1]["losses"]  # both report the global mean
+
+
+def test_stages_chain_1_to_2_to_3_on_demo_data(run_cli, demo_data, tmp_path):
+    runs = {s: tmp_path / s for s in ("pretrain", "multitask", "sft")}
+    previous = None
+    for stage, run in runs.items():
+        extra = [f"init_from={previous}"] if previous else []
+        proc = run_cli(TRAIN[1], overrides(run, demo_data, *extra, steps=2, stage=stage))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        previous = run
+    s1, s2, s3 = (split_by_group(export_state(runs[s])) for s in runs)
+    init = split_by_group(initial_state())
+    assert equal_tensors(init["llm"], s1["llm"]) == []          # stage 1: LLM frozen
+    assert equal_tensors(s2["vit"], s3["vit"]) == []            # stage 3: ViT frozen
+    for group in ("vit", "adapter", "llm"):                     # stage 2: everything trains
+        assert equal_tensors(s1[group], s2[group])
+    for group in ("adapter", "llm"):
+        assert equal_tensors(s2[group], s3[group])
+    assert json.loads((runs["multitask"] / "config.json").read_text())["stage"]["image_size"] == 448

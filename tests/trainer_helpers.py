@@ -1,0 +1,64 @@
+"""Helpers for the trainer tests: the CLI overrides of a tiny run and readers of its output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TRAIN = ["-m", "qwenvl_train.cli.train"]
+
+
+def overrides(run_dir: Path, demo_data: Path, *extra: str, steps: int = 6,
+              stage: str = "pretrain") -> list[str]:
+    return [
+        f"stage={stage}", "model=tiny", "data=demo", "scale=demo", "tracking=none",
+        f"data.root={demo_data}", f"run_dir={run_dir}", f"stage.steps={steps}",
+        "checkpoint.every_steps=2", "stage.optim.warmup_steps=2", *extra,
+    ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after resume) keeps the last."""
+    out: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def export_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "export" / "model.safetensors"))
+
+
+def initial_state(stage_image_size: int = 224, seed: int = 1234) -> dict[str, torch.Tensor]:
+    """The tiny model exactly as the trainer initialises it (same seed, same build)."""
+    from qwenvl_train.config import load_config
+    from qwenvl_train.model.qwenvl import build_model
+    from qwenvl_train.training.run import seed_everything
+
+    cfg = load_config(["model=tiny"])
+    seed_everything(seed)
+    model = build_model(cfg.model, image_size=stage_image_size)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def split_by_group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    from qwenvl_train.model.groups import group_of
+
+    out: dict[str, dict[str, torch.Tensor]] = {"vit": {}, "adapter": {}, "llm": {}}
+    for name, tensor in state.items():
+        out[group_of(name)][name] = tensor
+    return out
+
+
+def equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors differ (bitwise)."""
+    assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))[:5]
+    return [k for k in a if not torch.equal(a[k], b[k])]
