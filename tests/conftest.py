@@ -42,6 +42,21 @@ class RunResult:
             self.ranks[int(path.stem[4:])] = json.loads(path.read_text())
 
 
+def launch_torchrun(args: list[str], nproc: int, *, results: Path, env: dict | None = None,
+                    timeout: int = 300, check: bool = True) -> RunResult:
+    """Run `python -m torch.distributed.run --standalone --nproc_per_node=N ARGS...`."""
+    results.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env({"QWENVL_RESULTS_DIR": str(results),
+                                                   **(env or {})}),
+                          capture_output=True, text=True, timeout=timeout)
+    result = RunResult(proc, results)
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun exited {proc.returncode}:\n{result.output[-6000:]}")
+    return result
+
+
 @pytest.fixture
 def torchrun(tmp_path):
     """Run `python -m torch.distributed.run --nproc_per_node=N ARGS...`.
@@ -53,16 +68,8 @@ def torchrun(tmp_path):
     def launch(args: list[str], nproc: int, *, env: dict | None = None, timeout: int = 300,
                check: bool = True) -> RunResult:
         results = tmp_path / f"results_{len(list(tmp_path.glob('results_*')))}"
-        results.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env({"QWENVL_RESULTS_DIR": str(results),
-                                                       **(env or {})}),
-                              capture_output=True, text=True, timeout=timeout)
-        result = RunResult(proc, results)
-        if check and proc.returncode != 0:
-            pytest.fail(f"torchrun exited {proc.returncode}:\n{result.output[-6000:]}")
-        return result
+        return launch_torchrun(args, nproc, results=results, env=env, timeout=timeout,
+                               check=check)
 
     return launch
 
