@@ -121,11 +121,16 @@ class ParallelConfig:
                 f"{prefix}.deepspeed.scheduler: a DeepSpeed-side scheduler would silently "
                 "replace the stage's cosine schedule; set stage.optim instead"
             )
-        for key in ("optimizer", "train_batch_size", "gradient_accumulation_steps"):
+        derived = ("optimizer", "train_batch_size", "gradient_accumulation_steps",
+                   "train_micro_batch_size_per_gpu", "bf16", "fp16", "gradient_clipping")
+        for key in derived:
             if key in self.deepspeed:
                 raise ConfigError(
                     f"{prefix}.deepspeed.{key}: derived from the stage config; set it there"
                 )
+        if "stage" in dict(self.deepspeed.get("zero_optimization") or {}):
+            raise ConfigError(f"{prefix}.deepspeed.zero_optimization.stage: set "
+                              f"{prefix}.zero_stage instead (it decides how the model is built)")
 
 
 @dataclass

@@ -30,6 +30,7 @@ workers are relabelled so that physical worker 0 continues that stream.
 from __future__ import annotations
 
 import logging
+import signal
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -57,6 +58,13 @@ class _StreamDataset(IterableDataset):
             yield batch, local, cursor
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """torchrun and SLURM signal the whole process group on preemption; a worker that died
+    of that SIGTERM would make the trainer fail before it can save its checkpoint. The
+    trainer owns shutdown: workers ignore SIGTERM and end with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _identity(x):
     return x
 
@@ -77,7 +85,8 @@ class TrainLoader:
             it = iter(ds)
         else:
             it = iter(DataLoader(ds, batch_size=None, num_workers=spec.num_workers,
-                                 collate_fn=_identity, prefetch_factor=spec.prefetch_factor))
+                                 collate_fn=_identity, prefetch_factor=spec.prefetch_factor,
+                                 worker_init_fn=_ignore_sigterm))
         for batch, local, cursor in it:
             self._cursors[local] = cursor
             self._yielded += 1

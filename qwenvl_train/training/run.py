@@ -46,13 +46,16 @@ def seed_everything(seed: int) -> None:
 def ensure_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
     """Build the offline demo shards once (rank 0) when the data config asks for it."""
     root = Path(cfg.data.root)
-    if cfg.data.build_demo_if_missing and not any(root.glob("*.tar")):
-        if dist_info.is_main:
-            from data_recipes.demo import build_demo
+    # Rank 0 alone decides and builds; every rank waits at the barrier either way.
+    if dist_info.is_main and cfg.data.build_demo_if_missing and not any(root.glob("*.tar")):
+        from data_recipes.demo import build_demo
 
-            log.info("building the demo data set in %s", root)
-            build_demo(root)
-        dist.barrier()
+        log.info("building the demo data set in %s", root)
+        build_demo(root)
+    dist.barrier()
+    if dist_info.is_main and cfg.data.name == "demo" and cfg.model.name != "tiny":
+        log.warning("model=%s is training on the CPU demo data set (data=demo); pass your "
+                    "own data config, e.g. data=mixture_multitask", cfg.model.name)
 
 
 def build_qwenvl(cfg: TrainConfig):
@@ -182,14 +185,15 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
             num_workers=cfg.data.num_workers,
         )
     state, meter_state = TrainState(), {}
-    tag = ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None
+    tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
             loader.load_state_dict(state.loader)
         meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
-    data = par.batches(iter(loader) if loader is not None else None)
+    source = iter(loader) if loader is not None else None
+    data = par.batches(source)
 
     tracker = Tracker.create(cfg.tracking, run_dir, resolved_config, dist_info.rank,
                              total_steps=cfg.stage.steps, start_step=state.step,
@@ -204,6 +208,10 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
             export(cfg, par, dist_info)
     finally:
         tracker.close()
+        if source is not None:
+            # Stop the data workers now (they ignore SIGTERM, so an exit-time terminate
+            # would wait on them).
+            source.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
                                       if isinstance(v, (int, float, bool))}}
     if dist_info.is_main:
@@ -213,6 +221,13 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
         result = {"rank": dist_info.rank, "summary": summary, **optimizer_check}
         Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))
     return summary
+
+
+def _agreed(value):
+    """Rank 0's value on every rank (e.g. the resume tag on node-local disks)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _optimizer_check(model, param_groups: list[dict]) -> dict:

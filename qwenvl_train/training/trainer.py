@@ -129,13 +129,23 @@ class Trainer:
         return sums
 
     def _report_nonfinite(self, batch: dict, loss: torch.Tensor) -> None:
-        self.state.consecutive_nonfinite += 1
         msg = (f"non-finite loss at step {self.state.step + 1} on rank {self.dist.rank} "
                f"(local loss {loss.item()}); batch keys: {batch.get('keys', [])[:16]}")
         log.error(msg)
-        if (self.cfg.nan_policy == "stop"
-                or self.state.consecutive_nonfinite > self.cfg.max_consecutive_nan):
-            raise NonFiniteLossError(f"{msg}; nan_policy={self.cfg.nan_policy}")
+        if self.cfg.nan_policy == "stop":
+            raise NonFiniteLossError(f"{msg}; nan_policy=stop")
+
+    def _count_step(self, applied: bool) -> None:
+        """Consecutive skipped steps (not micro-batches) against max_consecutive_nan."""
+        if applied:
+            self.state.consecutive_nonfinite = 0
+            return
+        self.state.skipped_steps += 1
+        self.state.consecutive_nonfinite += 1
+        if self.state.consecutive_nonfinite > self.cfg.max_consecutive_nan:
+            raise NonFiniteLossError(
+                f"{self.state.consecutive_nonfinite} consecutive steps skipped for non-finite "
+                f"loss or gradients (max_consecutive_nan={self.cfg.max_consecutive_nan})")
 
     def _optimizer_step(self, data_iter) -> dict:
         t0 = time.perf_counter()
@@ -157,10 +167,8 @@ class Trainer:
             # DeepSpeed counts micro-steps here and updates only at the boundary.
             self.engine.step()
         counts = _counts(batches)
-        if finite_all:
-            self.state.consecutive_nonfinite = 0
-        else:
-            self.state.skipped_steps += 1
+        # DeepSpeed may also skip an update itself (overflowing gradients).
+        self._count_step(finite_all and self.engine.was_step_applied())
         group = self.par.dp_group
         loss = _mean_over_ranks(torch.stack(losses).mean(), group).item()
         return {"loss": loss, "finite": finite_all, "lr": lrs,
@@ -177,10 +185,12 @@ class Trainer:
         if out["skipped"] or not out["finite"]:
             keys = [k for b in out["batches"] for k in b.get("keys", [])]
             self._report_nonfinite({"keys": keys}, torch.tensor(out["loss"]))
-            self.state.skipped_steps += 1
             lrs = dict.fromkeys(lrs, 0.0)
-        else:
-            self.state.consecutive_nonfinite = 0
+            if out["skipped"]:
+                # DeepSpeed does not step the scheduler on a skipped update; keep the
+                # schedule on `state.step` as the other layouts do.
+                self.engine.lr_scheduler.step()
+        self._count_step(not out["skipped"] and out["finite"])
         return {"loss": out["loss"], "finite": not out["skipped"], "lr": lrs,
                 "task_sums": out["task_sums"], "counts": counts,
                 "time": time.perf_counter() - t0}
