@@ -51,9 +51,21 @@ class OptimConfig:
     group_lr_scale: dict[str, float] = field(
         default_factory=lambda: {"vit": 1.0, "adapter": 1.0, "llm": 1.0}
     )
+    # Multiplies lr and min_lr together (schedule shape and stage ratios unchanged); for
+    # models much narrower than the recipe's (the CPU demo), which need larger steps.
+    lr_multiplier: float = 1.0
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.lr_multiplier
+
+    @property
+    def floor_lr(self) -> float:
+        return self.min_lr * self.lr_multiplier
 
     def validate(self, prefix: str) -> None:
         _positive(f"{prefix}.lr", self.lr)
+        _positive(f"{prefix}.lr_multiplier", self.lr_multiplier)
         _positive(f"{prefix}.min_lr", self.min_lr, allow_zero=True)
         if self.min_lr > self.lr:
             raise ConfigError(f"{prefix}.min_lr: {self.min_lr} exceeds lr {self.lr}")

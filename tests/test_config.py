@@ -25,7 +25,7 @@ def test_stage_configs_match_the_paper(stage):
         p["lr"], p["min_lr"], p["warmup"], p["decay"])
     assert (o.betas, o.eps, o.weight_decay, o.grad_clip, o.schedule) == (
         [0.9, 0.98], 1e-6, 0.05, 1.0, "cosine")
-    assert s.precision == "bf16"
+    assert s.precision == "bf16" and o.lr_multiplier == 1.0 and o.peak_lr == p["lr"]
 
 
 def test_qwenvl_7b_sizes():

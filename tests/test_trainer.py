@@ -25,7 +25,7 @@ from qwenvl_train.training.checkpoint import latest_tag
 pytestmark = pytest.mark.slow
 
 
-ZERO2 = ("parallel=zero2", "stage.optim.lr=1e-3")
+ZERO2 = ("parallel=zero2",)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +166,17 @@ def test_text_only_rank_does_not_hang_under_zero3(torchrun, tmp_path):
 def test_stages_chain_1_to_2_to_3_on_demo_data(run_cli, demo_data, tmp_path):
     runs = {s: tmp_path / s for s in ("pretrain", "multitask", "sft")}
     previous = None
+    trainable = {"pretrain": 183_424, "multitask": 19_732_288, "sft": 19_573_952}
     for stage, run in runs.items():
         extra = [f"init_from={previous}"] if previous else []
-        proc = run_cli(TRAIN[1], overrides(run, demo_data, *extra, steps=2, stage=stage))
+        results = tmp_path / f"{stage}_results"
+        results.mkdir()
+        proc = run_cli(TRAIN[1], overrides(run, demo_data, *extra, steps=2, stage=stage),
+                       env={"QWENVL_RESULTS_DIR": str(results)})
         assert proc.returncode == 0, proc.stderr[-4000:]
+        rank0 = json.loads((results / "rank0.json").read_text())
+        assert rank0["optimizer_equals_trainable"] and rank0["frozen_in_optimizer"] == 0
+        assert rank0["optimizer_numel"] == rank0["trainable_numel"] == trainable[stage]
         previous = run
     s1, s2, s3 = (split_by_group(export_state(runs[s])) for s in runs)
     init = split_by_group(initial_state())

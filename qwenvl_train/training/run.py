@@ -95,7 +95,7 @@ def freeze(cfg: TrainConfig, model) -> None:
     _, infos = param_groups_of(cfg, model)
     for name, c in counts.items():
         scales = [i.lr_scale for i in infos if i.name.startswith(name + "/")]
-        lr_range = (f"lr x[{min(scales):.4f}, {max(scales):.4f}] of {cfg.stage.optim.lr:g}"
+        lr_range = (f"lr x[{min(scales):.4f}, {max(scales):.4f}] of {cfg.stage.optim.peak_lr:g}"
                     if scales else "frozen")
         log.info("group %-7s params %14s  trainable %14s  %s", name, f"{c.total:,}",
                  f"{c.trainable:,}", lr_range)
@@ -169,8 +169,9 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
                        else {})  # measured before DeepSpeed flattens the groups
     optim = cfg.stage.optim
-    optimizer = build_optimizer(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    schedule = Schedule(optim.lr, optim.min_lr, optim.warmup_steps, cfg.stage.steps,
+    optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
+                                eps=optim.eps)
+    schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
                         optim.schedule)
     scheduler = build_scheduler(optimizer, schedule)
     engine = par.initialize(optimizer, scheduler, deepspeed_config(cfg, dp_size))
