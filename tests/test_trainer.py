@@ -55,6 +55,9 @@ def test_stage1_two_ranks_trains_adapter_and_vit_keeps_llm_frozen(zero2_referenc
         assert r["optimizer_equals_trainable"] and r["frozen_in_optimizer"] == 0
         assert r["optimizer_numel"] == r["trainable_numel"] > 0
     assert latest_tag(run) == "step_0000006"
+    last = metrics(run)[-1]  # data counters summed over both ranks: 6 steps x 4 samples
+    assert last["data/samples"] == last["data/rows"] == 24
+    assert last["data/skipped_total"] == 0 and last["data/skipped_bad_image"] == 0
     assert list((run / "wandb").glob("offline-run-*"))
     assert (run / "export" / "llm" / "config.json").exists()
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from qwenvl_train.config import TrainConfig
-from qwenvl_train.data.schema import TASKS
+from qwenvl_train.data.schema import REASONS, TASKS
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training import faults
 from qwenvl_train.training.engine import DistInfo
@@ -26,6 +26,7 @@ from qwenvl_train.training.optim import lr_by_module_group
 
 log = logging.getLogger("qwenvl_train")
 
+_DATA_COUNTERS = ("filtered", "samples", "images", "tokens", "slots", "rows", "batches")
 _MODEL_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids", "images")
 
 
@@ -223,6 +224,19 @@ class Trainer:
         ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
                   self.dist.rank, self.cfg.checkpoint.keep_last)
 
+    def _global_data_stats(self) -> dict[str, float]:
+        """Loader counters summed over all readers (ranks without a loader add zeros)."""
+        stats = self.loader.stats() if self.loader is not None else {}
+        keys = [*_DATA_COUNTERS, *(f"skipped_{r}" for r in REASONS)]
+        values = torch.tensor([float(stats.get(k, 0)) for k in keys], dtype=torch.float64,
+                              device=self.dist.device)
+        dist.all_reduce(values)
+        out = {f"data/{k}": float(v) for k, v in zip(keys, values.tolist(), strict=True)}
+        out["data/skipped_total"] = sum(out[f"data/skipped_{r}"] for r in REASONS)
+        slots = out["data/slots"]
+        out["data/packing_efficiency"] = out["data/tokens"] / slots if slots else 0.0
+        return out
+
     def _log(self, result: dict) -> dict:
         step = self.state.step
         sums = result["task_sums"]
@@ -236,8 +250,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(self.meter.update(result["counts"], result["time"]))
-        stats = self.loader.stats() if self.loader is not None else {}
-        metrics.update({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        metrics.update(self._global_data_stats())
         if self.dist.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
