@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -284,4 +285,26 @@ def load_consolidated(model: nn.Module, path: str | Path) -> None:
             if getattr(saved, part) != getattr(own, part):
                 raise ValueError(f"{file}: model.{part} differs from the export's: "
                                  f"{getattr(own, part)} vs {getattr(saved, part)}")
-    load_into(tensors_of(model), load_file(str(file)), f"consolidated {file}")
+    load_into(tensors_of(model), LazySafetensors(file), f"consolidated {file}")
+
+
+class LazySafetensors(Mapping):
+    """A safetensors file as a mapping that reads a tensor only when asked (memory-mapped):
+    ranks on one node share the page cache, and no rank holds more than one tensor extra,
+    instead of every rank materialising the whole 19 GB export."""
+
+    def __init__(self, path: str | Path):
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
