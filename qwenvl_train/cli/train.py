@@ -22,21 +22,10 @@ from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
 def validate_launch(cfg: TrainConfig) -> None:
     """Checks that need the world size, still before distributed init."""
     from qwenvl_train.training.engine import grad_accumulation_steps
+    from qwenvl_train.training.topology import validate_parallel
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    model_parallel = cfg.parallel.pp * cfg.parallel.tp
-    if world % model_parallel:
-        raise ConfigError(
-            f"parallel: pp x tp = {model_parallel} does not divide the world size {world}"
-        )
-    try:
-        from qwenvl_train.training.topology import validate_parallel
-    except ImportError:  # 3D layouts not available in this build
-        if model_parallel > 1:
-            raise ConfigError("parallel.pp/parallel.tp > 1 are not supported yet") from None
-    else:
-        validate_parallel(cfg.parallel, world, cfg.model, cfg.parallel.zero_stage)
-    grad_accumulation_steps(cfg, world // model_parallel)
+    sizes = validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
+    grad_accumulation_steps(cfg, sizes.dp)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")

@@ -21,21 +21,11 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     out: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
-        if _is_partitioned(param):
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if _is_partitioned(tensor):  # gather it for the copy
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
                 if rank == 0:
-                    out[name] = param.detach().to("cpu", copy=True)
+                    out[name] = tensor.detach().to("cpu", copy=True)
         elif rank == 0:
-            out[name] = param.detach().to("cpu", copy=True)
-    if rank == 0:
-        for name, buf in module.named_buffers():
-            if _persistent(module, name):
-                out[name] = buf.detach().to("cpu", copy=True)
+            out[name] = tensor.detach().to("cpu", copy=True)
     return out
-
-
-def _persistent(module: nn.Module, name: str) -> bool:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    return leaf not in owner._non_persistent_buffers_set

@@ -119,11 +119,3 @@ def _deep_merge(base: dict, extra: dict) -> dict:
             out[key] = value
     return out
 
-
-def initialize_engine(model, optimizer, scheduler, ds_config: dict):
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    return engine

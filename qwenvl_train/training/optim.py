@@ -92,10 +92,8 @@ def build_optimizer(
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> LambdaLR:
-    """Each group's LR = schedule(step) * its lr_scale (the group's initial lr is peak*scale)."""
-    for g in optimizer.param_groups:
-        g["lr"] = schedule.peak * g["lr_scale"]
-        g.setdefault("initial_lr", g["lr"])
+    """Each group's LR = schedule(step) * its lr_scale; the optimizer must come from
+    `build_optimizer(lr=schedule.peak)`, whose groups start at peak * lr_scale."""
     return LambdaLR(optimizer, lambda step: schedule.lr(step) / schedule.peak)
 
 

@@ -26,19 +26,18 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.module import PipelineModule
 from torch import nn
 
-from qwenvl_train.data.schema import TASKS
 from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
-from qwenvl_train.model.qwenvl import IGNORE_INDEX, QwenVL
+from qwenvl_train.model.qwenvl import QwenVL
 from qwenvl_train.training.pipeline_partition import PipelineSplit
 from qwenvl_train.training.tensor_parallel import (
     broadcast_batches,
     gather_full_state_dict,
     load_full_state_dict,
 )
+from qwenvl_train.training.trainer import task_loss_sums
 
 log = logging.getLogger("qwenvl_train")
 ANCHOR = "pipe_anchor"
-NUM_TASKS = len(TASKS)
 
 
 class _Shell:
@@ -123,21 +122,15 @@ class HeadPipe(PipeLayer):
         self.norm, self.lm_head = model.llm.model.norm, model.llm.lm_head
         self.prefixes = {"norm": "llm.model.norm.", "lm_head": "llm.lm_head."}
         self._shell = _Shell(llm=_LLMParts(lm_head=self.lm_head))
-        self.task_sums = torch.zeros(NUM_TASKS, 2, dtype=torch.float64)
+        self.task_sums = task_loss_sums(device=torch.device("cpu"))
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         h, ints = inputs
         h = self.norm(self.anchored(h))
         labels, segments, tasks = ints[..., 2], ints[..., 1], ints[..., 3]
         out = self._shell._loss(h, labels, segments)
-        # Per-task sums as the trainer keeps them (token loss at label positions).
-        sel = labels != IGNORE_INDEX
-        sums = self.task_sums.to(h.device)
-        sums[:, 0].index_add_(0, tasks[sel], out.token_loss[sel].detach().double())
-        sel_tasks = tasks[sel]
-        sums[:, 1].index_add_(0, sel_tasks, torch.ones(sel_tasks.shape, dtype=sums.dtype,
-                                                        device=sums.device))
-        self.task_sums = sums
+        self.task_sums = self.task_sums.to(h.device) + task_loss_sums(out.token_loss, tasks,
+                                                                        labels)
         return out.loss
 
 
@@ -296,17 +289,17 @@ def pipeline_train_step(engine, data: PipeBatches) -> dict:
     """One optimizer step (gradient_accumulation_steps micro-batches through the pipe).
 
     Returns, on every rank: `loss` (mean over micro-batches and data-parallel replicas),
-    `finite`, `task_sums` [NUM_TASKS, 2] (token loss, tokens; summed over replicas),
+    `finite`, `task_sums` [tasks, 2] (token loss, tokens; summed over replicas),
     `grad_norm` (pre-clip), `skipped` (update skipped: non-finite gradients), and
     `batches`, the raw batches this rank read (keys for NaN reports; reader ranks only)."""
     pipe, grid = engine.module, engine.grid
     head = next((m for m in pipe.forward_funcs if isinstance(m, HeadPipe)), None)
     if head is not None:
-        head.task_sums = torch.zeros(NUM_TASKS, 2, dtype=torch.float64, device=engine.device)
+        head.task_sums = task_loss_sums(device=engine.device)
     data.consumed = []
     loss = engine.train_batch(data_iter=data)
     sums = (head.task_sums.clone() if head is not None
-            else torch.zeros(NUM_TASKS, 2, dtype=torch.float64, device=engine.device))
+            else task_loss_sums(device=engine.device))
     if grid.get_data_parallel_world_size() > 1:
         dist.all_reduce(sums, group=grid.get_data_parallel_group())
     if grid.get_pipe_parallel_world_size() > 1:

@@ -112,12 +112,6 @@ def param_groups_of(cfg: TrainConfig, module) -> tuple[list[dict], list]:
     )
 
 
-def freeze_and_group(cfg: TrainConfig, model) -> list[dict]:
-    """Freeze and build the optimizer groups of a plain (unparallelised) model."""
-    freeze(cfg, model)
-    return param_groups_of(cfg, model)[0]
-
-
 def dummy_batch(cfg: TrainConfig) -> dict:
     """A tiny text-only batch whose zero-weighted backward stands in for a bad micro-batch."""
     tok = get_tokenizer()

@@ -57,15 +57,24 @@ class PreemptionFlag:
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    out = {}
-    for key in _MODEL_INPUTS:
-        value = batch[key]
-        if key == "images":
-            value = value.to(device=device, dtype=dtype, non_blocking=True)
-        else:
-            value = value.to(device, non_blocking=True)
-        out[key] = value
+    out = {key: batch[key].to(device, non_blocking=True) for key in _MODEL_INPUTS}
+    out["images"] = out["images"].to(dtype)
     return out
+
+
+def task_loss_sums(token_loss: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """[len(TASKS), 2]: summed token loss and number of loss tokens per task (fp64)."""
+    device = token_loss.device if token_loss is not None else device
+    sums = torch.zeros(len(TASKS), 2, device=device, dtype=torch.float64)
+    if token_loss is None:
+        return sums
+    sel = labels != -100
+    tasks = task_ids[sel].to(device)
+    sums[:, 0].index_add_(0, tasks, token_loss[sel].detach().double())
+    sums[:, 1].index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
+    return sums
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -110,24 +119,11 @@ class Trainer:
             dummy = self.engine(**_to_device(self.dummy_batch, self.dist.device,
                                              self.param_dtype))
             self.engine.backward(dummy.loss * 0.0)
-            return torch.zeros((), device=self.dist.device), self._task_sums(), False
+            zeros = task_loss_sums(device=self.dist.device)
+            return torch.zeros((), device=self.dist.device), zeros, False
         self.engine.backward(out.loss)
-        sums = self._task_sums(out.token_loss.detach(), batch["task_ids"].to(self.dist.device),
-                               inputs["labels"])
+        sums = task_loss_sums(out.token_loss, batch["task_ids"], inputs["labels"])
         return out.loss.detach(), sums, True
-
-    def _task_sums(self, token_loss=None, task_ids=None, labels=None) -> torch.Tensor:
-        """[len(TASKS), 2]: summed token loss and token count per task."""
-        sums = torch.zeros(len(TASKS), 2, device=self.dist.device, dtype=torch.float64)
-        if token_loss is None:
-            return sums
-        has_label = labels != -100
-        for t in range(len(TASKS)):
-            sel = has_label & (task_ids == t)
-            if sel.any():
-                sums[t, 0] = token_loss[sel].double().sum()
-                sums[t, 1] = sel.sum()
-        return sums
 
     def _report_nonfinite(self, batch: dict, loss: torch.Tensor) -> None:
         msg = (f"non-finite loss at step {self.state.step + 1} on rank {self.dist.rank} "
@@ -151,7 +147,7 @@ class Trainer:
     def _optimizer_step(self, data_iter) -> dict:
         t0 = time.perf_counter()
         losses, finite_all = [], True
-        task_sums = torch.zeros(len(TASKS), 2, device=self.dist.device, dtype=torch.float64)
+        task_sums = task_loss_sums(device=self.dist.device)
         batches = []
         for micro in range(self.accum):
             batch = next(data_iter)
@@ -160,10 +156,10 @@ class Trainer:
             finite_all &= finite
             losses.append(loss)
             task_sums += sums
-            if micro == self.accum - 1 and not finite_all:
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = 0.0  # skip: no parameter moves in this step
-            if micro == self.accum - 1:
+            if micro == self.accum - 1:  # the boundary: DeepSpeed updates in this step()
+                if not finite_all:
+                    for group in self.engine.optimizer.param_groups:
+                        group["lr"] = 0.0  # skip: no parameter moves in this step
                 lrs = lr_by_module_group(self.engine.optimizer)
             # DeepSpeed counts micro-steps here and updates only at the boundary.
             self.engine.step()
@@ -277,7 +273,6 @@ def _counts(batches: list[dict]) -> dict[str, int]:
         counts["loss_tokens"] += int((batch["labels"] != -100).sum())
         counts["seg_sq_tokens"] += _segment_sq_tokens(batch["segment_ids"])
     return counts
-
 
 
 def _segment_sq_tokens(segment_ids: torch.Tensor) -> int:

@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from qwenvl_train.config import load_config
 from qwenvl_train.data.tokenizer import get_tokenizer
-from qwenvl_train.training.engine import deepspeed_config, init_distributed, initialize_engine
+from qwenvl_train.training.engine import deepspeed_config, init_distributed
 from qwenvl_train.training.optim import Schedule, build_optimizer, build_scheduler
-from qwenvl_train.training.run import build_qwenvl, dummy_batch, freeze_and_group
+from qwenvl_train.training.parallel import parallelize
+from qwenvl_train.training.run import build_qwenvl, dummy_batch, freeze, param_groups_of
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 
@@ -41,11 +42,6 @@ class NullMeter:
 
     def state_dict(self):
         return {}
-
-
-class NoParallel:
-    is_pipeline = False
-    dp_group = None
 
 
 class NullTracker:
@@ -78,14 +74,16 @@ def main() -> None:
                        "stage.optim.warmup_steps=1"])
     info = init_distributed()
     model = build_qwenvl(cfg)
-    groups = freeze_and_group(cfg, model)
+    freeze(cfg, model)
+    par = parallelize(model, cfg)
+    groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
     opt = build_optimizer(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     sched = build_scheduler(opt, Schedule(1e-3, 1e-5, 1, 2))
-    engine = initialize_engine(model, opt, sched, deepspeed_config(cfg, info.world_size))
+    engine = par.initialize(opt, sched, deepspeed_config(cfg, par.sizes.dp))
     batch = make_batch(info.rank == 0, cfg.model.adapter.num_queries, cfg.stage.image_size)
     loader = ListLoader([batch])
     it = iter(loader)
-    trainer = Trainer(cfg, info, engine, NoParallel(), loader, it, NullTracker(), NullMeter(),
+    trainer = Trainer(cfg, info, engine, par, loader, it, NullTracker(), NullMeter(),
                       1, dummy_batch(cfg), TrainState())
     trainer.metrics_path = os.devnull
     step_losses = [trainer._optimizer_step(it)["loss"] for _ in range(2)]
