@@ -8,14 +8,10 @@ images but no placeholder gets them at the start of the first user turn.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 from data_recipes.common import Converted, Skip
-from data_recipes.jsonstream import iter_records
-from data_recipes.qwenvl_json import ROLES, load_images
-from data_recipes.runner import Converter
+from data_recipes.qwenvl_json import ROLES, ChatJson
 
 PLACEHOLDER = "<image>"
 
@@ -37,17 +33,12 @@ def split_placeholders(text: str, next_image: int) -> tuple[list[dict[str, Any]]
     return parts, next_image
 
 
-class LLaVA(Converter):
+class LLaVA(ChatJson):
     name = "llava"
-    task = "chat"
 
+    # The CLI builds its options (and their defaults) from this signature.
     def __init__(self, src: str, image_root: str | None = None, source: str = "llava"):
-        self.src = src
-        self.image_root = image_root or os.path.dirname(os.path.abspath(src))
-        self.source = source
-
-    def items(self) -> Iterator[Any]:
-        yield from enumerate(iter_records(self.src))
+        super().__init__(src, image_root, source)
 
     def convert(self, item: Any) -> Converted:
         index, rec = item
@@ -76,7 +67,4 @@ class LLaVA(Converter):
             raise Skip("image_count_mismatch", f"{used} placeholders, {len(paths)} images")
         if not any(m["role"] == "assistant" for m in messages):
             raise Skip("no_assistant_turn")
-        sizes, members = load_images(paths, self.image_root)
-        record = {"task": "chat", "source": self.source, "images": sizes,
-                  "messages": messages}
-        return Converted(f"{index:09d}", record, members)
+        return self.chat_sample(index, messages, paths)

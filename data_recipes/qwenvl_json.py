@@ -86,17 +86,33 @@ def load_images(paths: list[str], root: str | None) -> tuple[list[dict], list[tu
     return sizes, members
 
 
-class QwenVLJson(Converter):
-    name = "qwenvl_json"
+class ChatJson(Converter):
+    """A JSON array (or JSON lines) of dialogue records whose image paths are relative to
+    `image_root` (default: the file's folder). Subclasses parse one record's turns."""
+
     task = "chat"
 
-    def __init__(self, src: str, image_root: str | None = None, source: str = "qwenvl_sft"):
+    def __init__(self, src: str, image_root: str | None, source: str):
         self.src = src
         self.image_root = image_root or os.path.dirname(os.path.abspath(src))
         self.source = source
 
     def items(self) -> Iterator[Any]:
         yield from enumerate(iter_records(self.src))
+
+    def chat_sample(self, index: int, messages: list[dict], paths: list[str]) -> Converted:
+        sizes, members = load_images(paths, self.image_root)
+        record = {"task": "chat", "source": self.source, "images": sizes,
+                  "messages": messages}
+        return Converted(f"{index:09d}", record, members)
+
+
+class QwenVLJson(ChatJson):
+    name = "qwenvl_json"
+
+    # The CLI builds its options (and their defaults) from this signature.
+    def __init__(self, src: str, image_root: str | None = None, source: str = "qwenvl_sft"):
+        super().__init__(src, image_root, source)
 
     def convert(self, item: Any) -> Converted:
         index, rec = item
@@ -105,7 +121,4 @@ class QwenVLJson(Converter):
             raise Skip("no_conversations")
         image_paths: list[str] = []
         messages = conversation_to_messages(turns, image_paths)
-        sizes, members = load_images(image_paths, self.image_root)
-        record = {"task": "chat", "source": self.source, "images": sizes,
-                  "messages": messages}
-        return Converted(f"{index:09d}", record, members)
+        return self.chat_sample(index, messages, image_paths)

@@ -14,13 +14,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwenvl_train.data.config import DataConfig
+from qwenvl_train.data.config import TEMPLATES, DataConfig
 from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.model.groups import GROUPS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-TEMPLATES = ("pretrain", "multitask", "sft")
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """`a.b.c` lookup on dataclasses, DictConfigs and dicts alike."""
+    node = cfg
+    for key in dotted.split("."):
+        if node is None:
+            return default
+        node = node.get(key, None) if isinstance(node, dict) else getattr(node, key, None)
+    return default if node is None else node
 
 
 class ConfigError(ValueError):

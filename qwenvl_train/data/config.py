@@ -55,14 +55,6 @@ class DataConfig:
 TEMPLATES = ("pretrain", "multitask", "sft")
 
 
-def stage_value(stage_cfg: object, key: str, default: object = None) -> object:
-    """Read `key` from a stage config given as a dict, DictConfig or dataclass."""
-    if isinstance(stage_cfg, dict):
-        return stage_cfg.get(key, default)
-    try:
-        return stage_cfg[key]  # DictConfig
-    except (KeyError, TypeError, AttributeError):
-        return getattr(stage_cfg, key, default)
 
 
 def as_data_config(cfg: object) -> DataConfig:

@@ -34,7 +34,9 @@ import signal
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import ALL_SHARDS, TEMPLATES, SourceConfig, as_data_config, stage_value
+from qwenvl_train.config import cfg_get
+
+from .config import ALL_SHARDS, TEMPLATES, SourceConfig, as_data_config
 from .reader import expand_shards
 from .shards import read_manifests
 from .templates import ACCEPTS
@@ -174,16 +176,16 @@ def build_loader(data_cfg, stage_cfg, tokenizer: QwenVLTokenizer, *, num_image_t
     """The trainer's entry point (docs/contracts.md)."""
     cfg = as_data_config(data_cfg)
     cfg.validate("data")
-    template = stage_value(stage_cfg, "template")
+    template = cfg_get(stage_cfg, "template")
     if template not in TEMPLATES:
         raise ValueError(f"stage.template: {template!r} not in {TEMPLATES}")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
     spec = LoaderSpec(
         root=str(cfg.root), sources=resolve_sources(cfg, template), template=template,
-        image_size=int(stage_value(stage_cfg, "image_size")),
-        seq_len=int(stage_value(stage_cfg, "seq_len")),
-        pack=bool(stage_value(stage_cfg, "pack", False)),
+        image_size=int(cfg_get(stage_cfg, "image_size")),
+        seq_len=int(cfg_get(stage_cfg, "seq_len")),
+        pack=bool(cfg_get(stage_cfg, "pack", False)),
         num_image_tokens=int(num_image_tokens), micro_batch_size=int(micro_batch_size),
         seed=int(seed), dp_rank=int(dp_rank), dp_size=int(dp_size),
         num_workers=int(cfg.num_workers if num_workers is None else num_workers),

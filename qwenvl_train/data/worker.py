@@ -16,7 +16,7 @@ from .packing import Packer, collate
 from .reader import Entry, ShardFile
 from .schema import TASKS, SampleError, parse_record
 from .streams import Blender, IndexCache, SourceStream
-from .templates import ACCEPTS
+from .templates import accepts
 from .tokenizer import QwenVLTokenizer
 
 log = logging.getLogger("qwenvl_train.data")
@@ -102,7 +102,7 @@ class Stream:
         except (ValueError, UnicodeDecodeError) as e:
             raise SampleError("bad_json", str(e)) from None
         if isinstance(record, dict) and record.get("task") in TASKS and \
-                record["task"] not in ACCEPTS[spec.template]:
+                not accepts(spec.template, record["task"]):
             return None  # filtered before anything else is read
         images = entry.image_members()
         sample = parse_record(record, entry.key, set(images), spec.max_image_pixels)

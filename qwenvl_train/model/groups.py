@@ -18,7 +18,7 @@ released fine-tuning code froze `ln_post`/`proj` together with the ViT in stage 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -74,13 +74,6 @@ def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
     name = _strip_wrappers(name)
     return param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES)
 
-
-def named_parameters_in(
-    model: nn.Module, group: str, post_group: str = "vit"
-) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, param in model.named_parameters():
-        if group_of(name, post_group) == group:
-            yield name, param
 
 
 @dataclass

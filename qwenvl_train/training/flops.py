@@ -42,24 +42,21 @@ from typing import Any
 
 import torch
 
+from qwenvl_train.config import cfg_get
+
 PARTS: tuple[str, ...] = ("vit", "adapter", "adapter_post", "llm")
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Attribute access for a DictConfig, a dataclass or a plain dict."""
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def vit_tokens(vision_cfg: Any, image_size: int) -> int:
-    return (image_size // int(_get(vision_cfg, "patch_size"))) ** 2
+    return (image_size // int(cfg_get(vision_cfg, "patch_size"))) ** 2
 
 
 def vit_flops(vision_cfg: Any, image_size: int) -> float:
     """Forward FLOPs of the ViT for one image of side `image_size`."""
-    p, w = int(_get(vision_cfg, "patch_size")), int(_get(vision_cfg, "width"))
-    m, layers = int(_get(vision_cfg, "mlp_dim")), int(_get(vision_cfg, "layers"))
+    p, w = int(cfg_get(vision_cfg, "patch_size")), int(cfg_get(vision_cfg, "width"))
+    m, layers = int(cfg_get(vision_cfg, "mlp_dim")), int(cfg_get(vision_cfg, "layers"))
     n = vit_tokens(vision_cfg, image_size)
     patch_embed = 2 * n * (3 * p * p) * w
     block = 2 * n * w * 3 * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * 2 * n * w * m
@@ -68,9 +65,9 @@ def vit_flops(vision_cfg: Any, image_size: int) -> float:
 
 def _adapter_parts(model_cfg: Any, image_size: int) -> tuple[float, float]:
     """(cross-attention, ln_post @ proj) forward FLOPs per image."""
-    vision, adapter = _get(model_cfg, "vision"), _get(model_cfg, "adapter")
-    n, w = vit_tokens(vision, image_size), int(_get(vision, "width"))
-    q, d = int(_get(adapter, "num_queries")), int(_get(adapter, "embed_dim"))
+    vision, adapter = cfg_get(model_cfg, "vision"), cfg_get(model_cfg, "adapter")
+    n, w = vit_tokens(vision, image_size), int(cfg_get(vision, "width"))
+    q, d = int(cfg_get(adapter, "num_queries")), int(cfg_get(adapter, "embed_dim"))
     attn = (
         2 * n * w * d  # kv_proj
         + 2 * q * d * d  # query projection (the learned queries are projected per image)
@@ -90,9 +87,9 @@ def llm_layer_flops(llm_cfg: Any, seq_len: float, *, attn_span: float | None = N
     """Forward FLOPs of one decoder layer per token at context length `seq_len`.
 
     `attn_span` (keys per query) defaults to the causal average seq_len / 2."""
-    h, a = int(_get(llm_cfg, "hidden_size")), int(_get(llm_cfg, "num_heads"))
-    kv = int(_get(llm_cfg, "num_kv_heads") or a)
-    i = int(_get(llm_cfg, "intermediate_size"))
+    h, a = int(cfg_get(llm_cfg, "hidden_size")), int(cfg_get(llm_cfg, "num_heads"))
+    kv = int(cfg_get(llm_cfg, "num_kv_heads") or a)
+    i = int(cfg_get(llm_cfg, "intermediate_size"))
     d = h // a
     span = seq_len / 2 if attn_span is None else attn_span
     qkv = 2 * h * (a * d + 2 * kv * d)
@@ -102,12 +99,12 @@ def llm_layer_flops(llm_cfg: Any, seq_len: float, *, attn_span: float | None = N
 
 def lm_head_flops(llm_cfg: Any) -> float:
     """FLOPs of the output projection for one position."""
-    return float(2 * int(_get(llm_cfg, "hidden_size")) * int(_get(llm_cfg, "vocab_size")))
+    return float(2 * int(cfg_get(llm_cfg, "hidden_size")) * int(cfg_get(llm_cfg, "vocab_size")))
 
 
 def llm_flops(llm_cfg: Any, seq_len: float, *, attn_span: float | None = None) -> float:
     """Forward FLOPs per token: all decoder layers + the lm_head."""
-    layers = int(_get(llm_cfg, "num_layers"))
+    layers = int(cfg_get(llm_cfg, "num_layers"))
     return layers * llm_layer_flops(llm_cfg, seq_len, attn_span=attn_span) + lm_head_flops(
         llm_cfg
     )
@@ -133,13 +130,13 @@ def forward_flops_by_part(
     segment_len: float | None = None,
 ) -> dict[str, float]:
     """Forward FLOPs of a batch per part of the chain `PARTS`."""
-    llm = _get(model_cfg, "llm")
+    llm = cfg_get(model_cfg, "llm")
     ctx = seq_len if segment_len is None else segment_len
-    layers = int(_get(llm, "num_layers"))
+    layers = int(cfg_get(llm, "num_layers"))
     head_positions = tokens if loss_tokens is None else loss_tokens
     attn, post = _adapter_parts(model_cfg, image_size)
     return {
-        "vit": images * vit_flops(_get(model_cfg, "vision"), image_size),
+        "vit": images * vit_flops(cfg_get(model_cfg, "vision"), image_size),
         "adapter": images * attn,
         "adapter_post": images * post,
         "llm": tokens * layers * llm_layer_flops(llm, ctx) + head_positions * lm_head_flops(llm),
@@ -174,7 +171,7 @@ def step_flops(
     computed) and `images` images; rows of length `seq_len`, or packed samples of
     token-weighted mean length `segment_len`. `loss_tokens`: positions with a label
     (where the lm_head runs); default all tokens."""
-    post_group = _get(_get(model_cfg, "adapter"), "post_group", "vit") or "vit"
+    post_group = cfg_get(cfg_get(model_cfg, "adapter"), "post_group", "vit") or "vit"
     fwd = forward_flops_by_part(
         model_cfg, image_size, tokens, images, seq_len,
         loss_tokens=loss_tokens, segment_len=segment_len,

@@ -28,13 +28,13 @@ from torch import nn
 
 from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
 from qwenvl_train.model.qwenvl import QwenVL
+from qwenvl_train.training.losses import task_loss_sums
 from qwenvl_train.training.pipeline_partition import PipelineSplit
 from qwenvl_train.training.tensor_parallel import (
     broadcast_batches,
     gather_full_state_dict,
     load_full_state_dict,
 )
-from qwenvl_train.training.trainer import task_loss_sums
 
 log = logging.getLogger("qwenvl_train")
 ANCHOR = "pipe_anchor"

@@ -68,7 +68,7 @@ class ColumnParallelLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, group, rank: int, world: int) -> None:
         out = linear.out_features // world
         super().__init__(linear.in_features, out, bias=linear.bias is not None, device="meta")
-        self.group, self.tp_world = group, world
+        self.group = group
         self.weight = _shard(linear.weight, 0, rank, world)
         _mark(self.weight, 0)
         if linear.bias is not None:
@@ -85,7 +85,7 @@ class RowParallelLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, group, rank: int, world: int) -> None:
         inp = linear.in_features // world
         super().__init__(inp, linear.out_features, bias=linear.bias is not None, device="meta")
-        self.group, self.tp_world = group, world
+        self.group = group
         self.weight = _shard(linear.weight, 1, rank, world)
         _mark(self.weight, 1)
         if linear.bias is not None:

@@ -11,17 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qwenvl_train.config import ConfigError
-
-
-def cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    """`a.b.c` lookup on dataclasses, DictConfigs and dicts alike."""
-    node = cfg
-    for key in dotted.split("."):
-        if node is None:
-            return default
-        node = node.get(key, None) if isinstance(node, dict) else getattr(node, key, None)
-    return default if node is None else node
+from qwenvl_train.config import ConfigError, cfg_get
 
 
 @dataclass(frozen=True)

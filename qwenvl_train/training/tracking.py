@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import torch
 
+from qwenvl_train.config import cfg_get
 from qwenvl_train.training import flops
 from qwenvl_train.training.progress import Progress
 
@@ -30,11 +31,6 @@ STEP_KEY = "train/step"
 COUNT_KEYS = ("samples", "images", "tokens", "real_tokens")
 
 
-def _cfg(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-    return default if value is None and default is not None else value
 
 
 def _read_or_create_run_id(run_dir: Path) -> str:
@@ -75,8 +71,8 @@ class Tracker:
             return cls()
         tracker = cls(Progress(total_steps, start_step=start_step, log_every=log_every,
                                stream=stream))
-        backend = _cfg(tracking_cfg, "backend", "wandb")
-        mode = _cfg(tracking_cfg, "mode", "offline")
+        backend = cfg_get(tracking_cfg, "backend", "wandb")
+        mode = cfg_get(tracking_cfg, "mode", "offline")
         if backend not in BACKENDS or mode not in MODES:
             raise ValueError(f"tracking.backend/mode: {backend!r}/{mode!r}; allowed: "
                              f"backend {BACKENDS}, mode {MODES}")
@@ -89,17 +85,17 @@ class Tracker:
             import wandb
 
             self.run = wandb.init(
-                project=_cfg(cfg, "project", "qwenvl-train"),
-                entity=_cfg(cfg, "entity"),
-                name=_cfg(cfg, "name") or run_dir.name,
-                tags=list(_cfg(cfg, "tags", []) or []),
+                project=cfg_get(cfg, "project", "qwenvl-train"),
+                entity=cfg_get(cfg, "entity"),
+                name=cfg_get(cfg, "name") or run_dir.name,
+                tags=list(cfg_get(cfg, "tags", []) or []),
                 config=config,
                 allow_val_change=True,  # a resumed run may change e.g. log_every
                 dir=str(run_dir),  # files land in run_dir/wandb
                 id=_read_or_create_run_id(run_dir),
                 resume="allow",
                 mode=mode,
-                settings=wandb.Settings(init_timeout=float(_cfg(cfg, "init_timeout", 90.0))),
+                settings=wandb.Settings(init_timeout=float(cfg_get(cfg, "init_timeout", 90.0))),
             )
             # Our own step axis: after a resume from an earlier checkpoint the same steps
             # are logged again, which W&B's monotonic internal step would drop.
@@ -208,12 +204,12 @@ class ThroughputMeter:
                window: int = 20) -> ThroughputMeter:
         """From the full train config: FLOPs of the stage, peak of this device and dtype."""
         stage, model = cfg.stage, cfg.model
-        world = dp_size * int(_cfg(cfg.parallel, "pp", 1)) * int(_cfg(cfg.parallel, "tp", 1))
+        world = dp_size * int(cfg_get(cfg.parallel, "pp", 1)) * int(cfg_get(cfg.parallel, "tp", 1))
         name = device
         if isinstance(device, torch.device) or str(device).startswith("cuda"):
             dev = torch.device(device)
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        peak = flops.peak_flops(name, stage.precision, _cfg(cfg.tracking, "peak_tflops"))
+        peak = flops.peak_flops(name, stage.precision, cfg_get(cfg.tracking, "peak_tflops"))
 
         def flops_fn(c: Mapping[str, int]) -> float:
             seg = c.get("seg_sq_tokens")

@@ -22,6 +22,7 @@ from qwenvl_train.data.schema import REASONS, TASKS
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training import faults
 from qwenvl_train.training.engine import DistInfo
+from qwenvl_train.training.losses import task_loss_sums
 from qwenvl_train.training.optim import lr_by_module_group
 
 log = logging.getLogger("qwenvl_train")
@@ -62,23 +63,9 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def task_loss_sums(token_loss: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
-                   labels: torch.Tensor | None = None,
-                   device: torch.device | None = None) -> torch.Tensor:
-    """[len(TASKS), 2]: summed token loss and number of loss tokens per task (fp64)."""
-    device = token_loss.device if token_loss is not None else device
-    sums = torch.zeros(len(TASKS), 2, device=device, dtype=torch.float64)
-    if token_loss is None:
-        return sums
-    sel = labels != -100
-    tasks = task_ids[sel].to(device)
-    sums[:, 0].index_add_(0, tasks, token_loss[sel].detach().double())
-    sums[:, 1].index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
-    return sums
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def _any_rank(flag: torch.Tensor | bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is true on any (one sync)."""
+    t = torch.as_tensor(flag, device=device).float().reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -110,9 +97,8 @@ class Trainer:
         if faults.armed(f"nan_loss:{self.state.step + 1}") and self.dist.rank == \
                 self.dist.world_size - 1:
             out.loss = out.loss * float("nan")
-        finite = bool(torch.isfinite(out.loss).item())
         # Every rank must take the same path, or the collectives inside backward hang.
-        if _any_rank(not finite, self.dist.device):
+        if _any_rank(~torch.isfinite(out.loss.detach())):
             self._report_nonfinite(batch, out.loss)
             # Backprop a zero loss of a tiny clean batch: the same hooks and collectives as
             # a real backward, zero gradient. The step's update is then skipped (LR 0).
