@@ -5,7 +5,7 @@
     python scripts/estimate_mfu.py --device "H100" --gpus 256 --mfu 0.35 0.45
 
 Reads configs/model/<model>.yaml and configs/stage/*.yaml with OmegaConf (no Hydra). The
-FLOPs are `qwenvl_train.training.flops.step_flops` (see its docstring for the formula).
+FLOPs are `qwenvl_train.training.observe.flops.step_flops` (see its docstring for the formula).
 Assumptions, printed with the table: every row of a step is computed at full `seq_len`
 (padded or packed), unpacked rows hold one image, packed rows hold
 `--packed-samples-per-row` samples of equal length with one image each, and the lm_head
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from qwenvl_train.training import flops as F  # noqa: E402
+from qwenvl_train.training.observe import flops as F  # noqa: E402
 
 CONFIGS = ROOT / "qwenvl_train" / "configs"
 STAGES = ("pretrain", "multitask", "sft")

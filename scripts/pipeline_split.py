@@ -5,7 +5,7 @@
 
 The first layer is ViT + adapter + token embedding (always on stage 0), then one layer per
 decoder block, then norm + LM head + loss. Costs are training FLOPs per LLM row
-(qwenvl_train/training/flops.py): 3x forward for trained parts, 2x for frozen parts that
+(qwenvl_train/training/observe/flops.py): 3x forward for trained parts, 2x for frozen parts that
 pass gradients back, 1x for frozen parts in front of everything trained.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from qwenvl_train.model.config import QwenVLConfig
-from qwenvl_train.training.pipeline_partition import images_per_row, plan_split
+from qwenvl_train.training.parallel.partition import images_per_row, plan_split
 
 CONFIGS = Path(__file__).resolve().parents[1] / "qwenvl_train" / "configs"
 # (label, image size, LLM row length, packed rows, trainable groups): RECIPE.md stages 1, 2.

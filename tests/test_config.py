@@ -56,7 +56,7 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 
 def test_global_batch_must_split_into_micro_batches_and_ranks():
-    from qwenvl_train.training.engine import grad_accumulation_steps
+    from qwenvl_train.training.parallel.engine import grad_accumulation_steps
 
     cfg = load_config(["scale=demo", "stage.global_batch_size=8", "stage.micro_batch_size=4"])
     assert grad_accumulation_steps(cfg, dp_size=1) == 2

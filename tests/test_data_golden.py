@@ -11,11 +11,12 @@ import re
 
 import pytest
 
-from qwenvl_train.data.encode import IGNORE, encode_tokens, pieces_to_ids
+from qwenvl_train.data.encode import encode_tokens, pieces_to_ids
 from qwenvl_train.data.inspect import format_tokens
 from qwenvl_train.data.schema import TASKS, parse_record
 from qwenvl_train.data.templates import accepts, render
 from qwenvl_train.data.tokenizer import SPECIAL_TOKEN_IDS, get_tokenizer
+from qwenvl_train.tokens import IGNORE_INDEX
 
 IM = [{"width": 640, "height": 480}]
 RECORDS = {
@@ -149,8 +150,8 @@ def test_golden_rendering(stage, task):
     tok = get_tokenizer()
     tokens = encode_tokens(parse_record(RECORDS[task], "k"), stage, tok, 2, 4096)
     assert tokens.input_ids == ids
-    assert "".join("0" if lab == IGNORE else "1" for lab in tokens.labels) == mask
-    assert all(lab in (IGNORE, i) for lab, i in zip(tokens.labels, ids, strict=True))
+    assert "".join("0" if lab == IGNORE_INDEX else "1" for lab in tokens.labels) == mask
+    assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(tokens.labels, ids, strict=True))
     assert format_tokens(tokens.input_ids, tokens.labels, tok) == text
     assert _from_text(text) == (ids, mask)
 

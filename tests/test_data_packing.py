@@ -6,9 +6,10 @@ import random
 
 import torch
 
-from qwenvl_train.data.encode import IGNORE, EncodedSample
+from qwenvl_train.data.encode import EncodedSample
 from qwenvl_train.data.packing import Packer, collate
 from qwenvl_train.data.schema import TASK_INDEX
+from qwenvl_train.tokens import IGNORE_INDEX
 
 PAD = 151643
 
@@ -16,7 +17,7 @@ PAD = 151643
 def _sample(i: int, n: int, task: str, n_img: int = 0) -> EncodedSample:
     ids = torch.arange(1000 * i, 1000 * i + n)
     labels = ids.clone()
-    labels[0] = IGNORE
+    labels[0] = IGNORE_INDEX
     imgs = torch.full((n_img, 3, 4, 4), i % 250, dtype=torch.uint8)
     return EncodedSample(ids, labels, imgs, task, "src", f"k{i}", address=[i])
 
@@ -73,8 +74,9 @@ def test_collate_packed_rows():
     v, o = TASK_INDEX["vqa"], TASK_INDEX["ocr"]
     assert batch["task_ids"].tolist() == [[v] * 8 + [-1] * 2, [o] * 4 + [-1] * 6]
     assert batch["input_ids"][0, 8:].tolist() == [PAD, PAD]
-    assert (batch["labels"][0, 8:] == IGNORE).all() and (batch["labels"][1, 4:] == IGNORE).all()
-    assert batch["labels"][0, 5].item() == IGNORE  # first token of a packed sample
+    assert (batch["labels"][0, 8:] == IGNORE_INDEX).all()
+    assert (batch["labels"][1, 4:] == IGNORE_INDEX).all()
+    assert batch["labels"][0, 5].item() == IGNORE_INDEX  # first token of a packed sample
     assert batch["input_ids"][0, :5].tolist() == a.input_ids.tolist()
     # images row-major in order of appearance, normalised floats
     assert batch["images"].shape == (3, 3, 4, 4) and batch["images"].dtype == torch.float32

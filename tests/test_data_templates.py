@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from qwenvl_train.data.encode import IGNORE, Tokens, encode_tokens, truncate
+from qwenvl_train.data.encode import Tokens, encode_tokens, truncate
 from qwenvl_train.data.inspect import format_tokens
 from qwenvl_train.data.schema import SampleError, parse_record
 from qwenvl_train.data.templates import box1000_text, box_text, norm_coord, quad_text
 from qwenvl_train.data.tokenizer import get_tokenizer
+from qwenvl_train.tokens import IGNORE_INDEX
 
 
 @pytest.mark.parametrize("coord,side,expected", [
@@ -81,7 +82,7 @@ def test_chatml_multi_turn_multi_image_masking():
     assert t.image_order == [1, 0, 2]
     tok = get_tokenizer()
     # loss tokens are exactly the assistant contents + their <|im_end|>
-    loss_ids = [i for i, lab in zip(t.input_ids, t.labels, strict=True) if lab != IGNORE]
+    loss_ids = [i for i, lab in zip(t.input_ids, t.labels, strict=True) if lab != IGNORE_INDEX]
     assert loss_ids == tok.encode("Same.") + [tok.im_end_id] + tok.encode("Different.") + \
         [tok.im_end_id]
 
@@ -109,7 +110,8 @@ def test_bad_dialogues_are_bad_record(bad):
 
 def _tokens(n_text_before, n_img, n_text_after, loss_after=True):
     ids = [1] * n_text_before + [2] * n_img + [3] * n_text_after
-    labels = [IGNORE] * (n_text_before + n_img) + ([3] if loss_after else [IGNORE]) * n_text_after
+    after = [3] if loss_after else [IGNORE_INDEX]
+    labels = [IGNORE_INDEX] * (n_text_before + n_img) + after * n_text_after
     spans = [(n_text_before, n_text_before + n_img)] if n_img else []
     return Tokens(ids, labels, [0] if n_img else [], spans)
 

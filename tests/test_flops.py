@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qwenvl_train.training import flops as F
+from qwenvl_train.training.observe import flops as F
 
 CONFIGS = Path(__file__).resolve().parents[1] / "qwenvl_train" / "configs"
 

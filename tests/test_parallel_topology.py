@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from qwenvl_train.config import ParallelConfig
 from qwenvl_train.model.config import QwenVLConfig
-from qwenvl_train.training import flops
-from qwenvl_train.training.pipeline_partition import balanced_parts, plan_split
-from qwenvl_train.training.topology import ParallelSizes, validate_parallel
+from qwenvl_train.training.observe import flops
+from qwenvl_train.training.parallel.partition import balanced_parts, plan_split
+from qwenvl_train.training.parallel.topology import ParallelSizes, validate_parallel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "qwenvl_train" / "configs"
 Q7B = QwenVLConfig.from_dict(OmegaConf.load(CONFIGS / "model" / "qwenvl_7b.yaml"))

@@ -8,9 +8,9 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from qwenvl_train.training import progress as progress_mod
-from qwenvl_train.training import tracking
-from qwenvl_train.training.tracking import RUN_ID_FILE, ThroughputMeter, Tracker
+from qwenvl_train.training.observe import progress as progress_mod
+from qwenvl_train.training.observe import tracking
+from qwenvl_train.training.observe.tracking import RUN_ID_FILE, ThroughputMeter, Tracker
 
 OFFLINE = NS(backend="wandb", mode="offline", project="qwenvl-test", entity=None, name=None,
              tags=["test"])

@@ -21,8 +21,8 @@ from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
 
 def validate_launch(cfg: TrainConfig) -> None:
     """Checks that need the world size, still before distributed init."""
-    from qwenvl_train.training.engine import grad_accumulation_steps
-    from qwenvl_train.training.topology import validate_parallel
+    from qwenvl_train.training.parallel.engine import grad_accumulation_steps
+    from qwenvl_train.training.parallel.topology import validate_parallel
 
     sizes = validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
     grad_accumulation_steps(cfg, sizes.dp)

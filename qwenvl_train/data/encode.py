@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenvl_train.tokens import IGNORE_INDEX
+
 from .schema import Sample, SampleError
 from .templates import ImageSlot, Piece, Special, render
 from .tokenizer import QwenVLTokenizer
-
-IGNORE = -100
 
 
 @dataclass
@@ -62,9 +62,9 @@ def pieces_to_ids(pieces: list[Piece], tokenizer: QwenVLTokenizer,
         else:
             toks = tokenizer.encode(seg)  # data text: special-token strings stay text
         ids += toks
-        labels += toks if has_loss else [IGNORE] * len(toks)
+        labels += toks if has_loss else [IGNORE_INDEX] * len(toks)
     if labels:
-        labels[0] = IGNORE
+        labels[0] = IGNORE_INDEX
     return Tokens(ids, labels, order, spans)
 
 
@@ -77,7 +77,7 @@ def truncate(tokens: Tokens, seq_len: int, key: str = "") -> Tokens:
         raise SampleError("too_long", f"{key}: {n} tokens > {seq_len} and an image span "
                           "would be cut")
     labels = tokens.labels[:seq_len]
-    if all(lab == IGNORE for lab in labels):
+    if all(lab == IGNORE_INDEX for lab in labels):
         raise SampleError("too_long", f"{key}: {n} tokens > {seq_len}, no loss token left")
     return Tokens(tokens.input_ids[:seq_len], labels, tokens.image_order, tokens.image_spans)
 
@@ -86,7 +86,7 @@ def encode_tokens(sample: Sample, template: str, tokenizer: QwenVLTokenizer,
                   num_image_tokens: int, seq_len: int) -> Tokens:
     """Render + tokenise + truncate (no image decoding: decide `too_long` cheaply first)."""
     tokens = pieces_to_ids(render(sample, template), tokenizer, num_image_tokens)
-    if not any(lab != IGNORE for lab in tokens.labels):
+    if not any(lab != IGNORE_INDEX for lab in tokens.labels):
         raise SampleError("bad_record", f"{sample.key}: renders without any loss token")
     return truncate(tokens, seq_len, sample.key)
 

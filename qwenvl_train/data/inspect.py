@@ -10,8 +10,10 @@ import io
 import json
 from pathlib import Path
 
+from qwenvl_train.tokens import IGNORE_INDEX
+
 from .config import TEMPLATES
-from .encode import IGNORE, encode_tokens
+from .encode import encode_tokens
 from .reader import ShardFile, index_tar
 from .schema import TASKS, SampleError, parse_record
 from .templates import accepts
@@ -27,13 +29,13 @@ def format_tokens(ids: list[int], labels: list[int], tok: QwenVLTokenizer) -> st
     in_loss = False
     i = 0
     while i < len(ids):
-        loss = labels[i] != IGNORE
+        loss = labels[i] != IGNORE_INDEX
         if loss != in_loss:
             out.append(LOSS_OPEN if loss else LOSS_CLOSE)
             in_loss = loss
         if ids[i] == tok.img_pad_id:
             j = i
-            while j < len(ids) and ids[j] == tok.img_pad_id and (labels[j] != IGNORE) == loss:
+            while j < len(ids) and ids[j] == tok.img_pad_id and (labels[j] != IGNORE_INDEX) == loss:
                 j += 1
             out.append(f"{IMG_PAD}x{j - i}")
             i = j
@@ -41,7 +43,8 @@ def format_tokens(ids: list[int], labels: list[int], tok: QwenVLTokenizer) -> st
         # decode runs of plain tokens together so multi-byte characters print whole
         j = i + 1
         while (j < len(ids) and ids[j] != tok.img_pad_id
-               and (labels[j] != IGNORE) == loss and ids[j] < tok.eod_id and ids[i] < tok.eod_id):
+               and (labels[j] != IGNORE_INDEX) == loss and ids[j] < tok.eod_id
+               and ids[i] < tok.eod_id):
             j += 1
         out.append(tok.decode(ids[i:j]))
         i = j
@@ -85,7 +88,7 @@ def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len:
                 out(f"   SKIPPED {e.reason}: {e.msg}")
                 counts[e.reason] = counts.get(e.reason, 0) + 1
                 continue
-            n_loss = sum(lab != IGNORE for lab in tokens.labels)
+            n_loss = sum(lab != IGNORE_INDEX for lab in tokens.labels)
             out(f"    {len(tokens.input_ids)} tokens, {n_loss} with loss")
             out(format_tokens(tokens.input_ids, tokens.labels, tok))
             counts["ok"] = counts.get("ok", 0) + 1

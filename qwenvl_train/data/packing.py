@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import get_worker_info
 
-from .encode import IGNORE, EncodedSample
+from qwenvl_train.tokens import IGNORE_INDEX
+
+from .encode import EncodedSample
 from .images import normalize_into
 from .schema import TASK_INDEX
 
@@ -93,7 +95,7 @@ def collate(rows: list[list[EncodedSample]], pad_id: int, image_size: int,
             length = min(length, max(max_len, max(lens)))
     b = len(rows)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    labels = torch.full((b, length), IGNORE, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((b, length), dtype=torch.long)
     segment_ids = torch.zeros((b, length), dtype=torch.long)
     task_ids = torch.full((b, length), -1, dtype=torch.long)

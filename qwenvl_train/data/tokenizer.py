@@ -15,41 +15,30 @@ from pathlib import Path
 
 import tiktoken
 
+from qwenvl_train.tokens import (  # noqa: F401  (re-exported for data code)
+    BOX_END,
+    BOX_START,
+    ENDOFTEXT,
+    FIRST_SPECIAL_ID,
+    IM_END,
+    IM_START,
+    IMG_END,
+    IMG_PAD,
+    IMG_START,
+    MODEL_VOCAB_SIZE,
+    QUAD_END,
+    QUAD_START,
+    REF_END,
+    REF_START,
+    SPECIAL_TOKEN_IDS,
+)
+
 # Qwen (v1) pre-tokenisation pattern.
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-REF_START, REF_END = "<ref>", "</ref>"
-BOX_START, BOX_END = "<box>", "</box>"
-QUAD_START, QUAD_END = "<quad>", "</quad>"
-IMG_START, IMG_END = "<img>", "</img>"
-IMG_PAD = "<imgpad>"
-
-_FIRST_SPECIAL_ID = 151643
-_SPECIALS: tuple[str, ...] = (
-    ENDOFTEXT,
-    IM_START,
-    IM_END,
-    *(f"<|extra_{i}|>" for i in range(205)),
-    REF_START,
-    REF_END,
-    BOX_START,
-    BOX_END,
-    QUAD_START,
-    QUAD_END,
-    IMG_START,
-    IMG_END,
-    IMG_PAD,
-)
-SPECIAL_TOKEN_IDS: dict[str, int] = {t: _FIRST_SPECIAL_ID + i for i, t in enumerate(_SPECIALS)}
-
-# Released model's embedding rows (padded for efficiency; ids >= 151860 are never produced).
-MODEL_VOCAB_SIZE = 151936
 
 
 def default_vocab_file() -> Path:
@@ -74,8 +63,8 @@ class QwenVLTokenizer:
     def __init__(self, vocab_file: str | Path | None = None):
         path = Path(vocab_file) if vocab_file else default_vocab_file()
         ranks = _load_ranks(path)
-        if len(ranks) != _FIRST_SPECIAL_ID:
-            raise ValueError(f"{path}: expected {_FIRST_SPECIAL_ID} BPE ranks, found {len(ranks)}")
+        if len(ranks) != FIRST_SPECIAL_ID:
+            raise ValueError(f"{path}: expected {FIRST_SPECIAL_ID} BPE ranks, found {len(ranks)}")
         self._enc = tiktoken.Encoding(
             "qwen_vl", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=SPECIAL_TOKEN_IDS
         )
@@ -111,7 +100,7 @@ class QwenVLTokenizer:
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         if skip_special:
-            ids = [i for i in ids if i < _FIRST_SPECIAL_ID]
+            ids = [i for i in ids if i < FIRST_SPECIAL_ID]
         return self._enc.decode(list(ids), errors="replace")
 
     def decode_tokens(self, ids: list[int]) -> list[str]:

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-IMG_PAD_ID = 151859  # `<imgpad>`: the image slot token of the Qwen-VL tokenizer
+from qwenvl_train.tokens import IMG_PAD_ID
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 POST_GROUPS = ("vit", "adapter")
 

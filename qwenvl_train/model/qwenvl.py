@@ -17,11 +17,9 @@ from transformers.utils import ModelOutput
 
 from qwenvl_train.model.adapter import Adapter
 from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
-from qwenvl_train.model.config import IMG_PAD_ID, LLMConfig, QwenVLConfig
+from qwenvl_train.model.config import LLMConfig, QwenVLConfig
 from qwenvl_train.model.vision import VisionTransformer
-
-IGNORE_INDEX = -100
-EOD_ID = 151643  # <|endoftext|>: also the pad id; a real, trainable token (so no padding_idx)
+from qwenvl_train.tokens import EOD_ID, IGNORE_INDEX, IMG_PAD_ID
 
 
 @dataclass

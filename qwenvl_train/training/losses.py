@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qwenvl_train.data.schema import TASKS
-from qwenvl_train.model.qwenvl import IGNORE_INDEX
+from qwenvl_train.tokens import IGNORE_INDEX
 
 
 def task_loss_sums(token_loss: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,

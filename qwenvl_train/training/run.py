@@ -19,18 +19,19 @@ import torch.distributed as dist
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
+from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
-from qwenvl_train.training.engine import (
-    DistInfo,
-    deepspeed_config,
-    grad_accumulation_steps,
-    init_distributed,
-)
 from qwenvl_train.training.optim import (
     Schedule,
     build_optimizer,
     build_param_groups,
     build_scheduler,
+)
+from qwenvl_train.training.parallel.engine import (
+    DistInfo,
+    deepspeed_config,
+    grad_accumulation_steps,
+    init_distributed,
 )
 from qwenvl_train.training.trainer import Trainer, TrainState
 
@@ -119,7 +120,7 @@ def dummy_batch(cfg: TrainConfig) -> dict:
     size = cfg.stage.image_size
     return {
         "input_ids": ids,
-        "labels": torch.tensor([[-100, tok.eod_id]]),
+        "labels": torch.tensor([[IGNORE_INDEX, tok.eod_id]]),
         "position_ids": torch.tensor([[0, 1]]),
         "segment_ids": torch.ones_like(ids),
         "images": torch.zeros(0, 3, size, size),
@@ -144,8 +145,8 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
 
 def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     from qwenvl_train.data.loader import build_loader
-    from qwenvl_train.training.parallel import parallelize
-    from qwenvl_train.training.tracking import ThroughputMeter, Tracker
+    from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
+    from qwenvl_train.training.parallel.parallelize import parallelize
 
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)

@@ -19,11 +19,12 @@ import torch.distributed as dist
 
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
+from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training import faults
-from qwenvl_train.training.engine import DistInfo
 from qwenvl_train.training.losses import task_loss_sums
 from qwenvl_train.training.optim import lr_by_module_group
+from qwenvl_train.training.parallel.engine import DistInfo
 
 log = logging.getLogger("qwenvl_train")
 
@@ -79,8 +80,8 @@ def _mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, par, loader, data,
                  tracker, meter, accum: int, dummy_batch: dict, state: TrainState):
-        """`par` is the layout (training/parallel.py); `loader` is None on ranks that do not
-        read data (pipeline/TP peers); `data` yields this rank's micro-batches."""
+        """`par` is the layout (training/parallel/parallelize.py); `loader` is None on
+        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches."""
         self.cfg, self.dist, self.engine, self.par = cfg, dist_info, engine, par
         self.loader, self.data = loader, data
         self.tracker, self.meter = tracker, meter
@@ -256,7 +257,7 @@ def _counts(batches: list[dict]) -> dict[str, int]:
         counts["images"] += int(batch["num_images"])
         counts["tokens"] += int(batch["input_ids"].numel())
         counts["real_tokens"] += int(batch["num_real_tokens"])
-        counts["loss_tokens"] += int((batch["labels"] != -100).sum())
+        counts["loss_tokens"] += int((batch["labels"] != IGNORE_INDEX).sum())
         counts["seg_sq_tokens"] += _segment_sq_tokens(batch["segment_ids"])
     return counts
 

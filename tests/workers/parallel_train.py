@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import parallel_common as pc  # noqa: E402
 
-from qwenvl_train.training.engine import init_distributed  # noqa: E402
 from qwenvl_train.training.optim import build_optimizer  # noqa: E402
-from qwenvl_train.training.parallel import parallelize  # noqa: E402
+from qwenvl_train.training.parallel.engine import init_distributed  # noqa: E402
+from qwenvl_train.training.parallel.parallelize import parallelize  # noqa: E402
 
 OUT = Path(os.environ.get("QWENVL_RESULTS_DIR", "."))
 EXPORT = Path(os.environ.get("QWENVL_EXPORT_DIR", str(OUT)))

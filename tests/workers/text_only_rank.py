@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 from qwenvl_train.config import load_config
 from qwenvl_train.data.tokenizer import get_tokenizer
-from qwenvl_train.training.engine import deepspeed_config, init_distributed
 from qwenvl_train.training.optim import Schedule, build_optimizer, build_scheduler
-from qwenvl_train.training.parallel import parallelize
+from qwenvl_train.training.parallel.engine import deepspeed_config, init_distributed
+from qwenvl_train.training.parallel.parallelize import parallelize
 from qwenvl_train.training.run import build_qwenvl, dummy_batch, freeze, param_groups_of
 from qwenvl_train.training.trainer import Trainer, TrainState
 

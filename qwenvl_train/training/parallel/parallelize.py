@@ -1,8 +1,8 @@
 """The one step that turns a plain, frozen-per-stage QwenVL into the configured layout.
 
 Like torchtitan's `parallelize`: the model never learns about ranks; this applies tensor
-parallelism (training/tensor_parallel.py) and wraps pipeline stages
-(training/pipeline.py) over one DeepSpeed topology (training/topology.py), and tells the
+parallelism (tensor_parallel.py) and wraps pipeline stages (pipeline.py) over one
+DeepSpeed topology (topology.py), and tells the
 trainer what differs per rank (who reads data, which data-parallel shard, how to step and
 how to gather full weights). With pp = tp = 1 everything is a pass-through.
 
@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwenvl_train.training import pipeline as pipe_mod
-from qwenvl_train.training.consolidate import full_state_dict
-from qwenvl_train.training.pipeline_partition import PipelineSplit, plan_split
-from qwenvl_train.training.tensor_parallel import (
+from qwenvl_train.training.parallel import pipeline as pipe_mod
+from qwenvl_train.training.parallel.consolidate import full_state_dict
+from qwenvl_train.training.parallel.partition import PipelineSplit, plan_split
+from qwenvl_train.training.parallel.tensor_parallel import (
     apply_tensor_parallel,
     broadcast_batches,
     gather_full_state_dict,
     load_full_state_dict,
 )
-from qwenvl_train.training.topology import (
+from qwenvl_train.training.parallel.topology import (
     ParallelSizes,
     build_grid,
     build_topology,

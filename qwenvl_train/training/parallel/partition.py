@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwenvl_train.training import flops
-from qwenvl_train.training.topology import cfg_get
+from qwenvl_train.training.observe import flops
+from qwenvl_train.training.parallel.topology import cfg_get
 
 TEXT_TOKENS_PER_IMAGE = 64  # assumed caption/answer tokens per image in packed rows
 

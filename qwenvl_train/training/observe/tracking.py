@@ -21,8 +21,8 @@ from typing import IO, Any
 import torch
 
 from qwenvl_train.config import cfg_get
-from qwenvl_train.training import flops
-from qwenvl_train.training.progress import Progress
+from qwenvl_train.training.observe import flops
+from qwenvl_train.training.observe.progress import Progress
 
 BACKENDS = ("wandb", "none")
 MODES = ("offline", "online", "disabled")

@@ -7,7 +7,7 @@ Layer chain (the ViT and adapter always sit on the first stage):
 Only tensors cross stages: the hidden state and one long tensor [B, L, 4] packing
 position_ids, segment_ids, labels and task_ids (ints never get gradients, so the engine's
 "float inputs require grad" rule cannot bite). The split is compute-balanced
-(pipeline_partition.py). A stage whose parameters are all frozen gets shape-(1,) trainable
+(partition.py). A stage whose parameters are all frozen gets shape-(1,) trainable
 anchors used as `h + 0 * anchor` (see `pipeline_param_groups`): DeepSpeed needs a non-empty
 optimizer and a grad-requiring output per stage; losses and frozen weights are unchanged.
 Parameter names map back to the plain model's (`named_parameters_original`), so the group
@@ -29,8 +29,8 @@ from torch import nn
 from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
 from qwenvl_train.model.qwenvl import QwenVL
 from qwenvl_train.training.losses import task_loss_sums
-from qwenvl_train.training.pipeline_partition import PipelineSplit
-from qwenvl_train.training.tensor_parallel import (
+from qwenvl_train.training.parallel.partition import PipelineSplit
+from qwenvl_train.training.parallel.tensor_parallel import (
     broadcast_batches,
     gather_full_state_dict,
     load_full_state_dict,
