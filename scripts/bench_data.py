@@ -95,7 +95,7 @@ def bench_ours(root: Path, stage: dict, samples: int, mb: int, workers: int) -> 
     """samples per CPU-second (workers=0) or per wall-second (workers>0)."""
     clock = time.process_time if workers == 0 else time.perf_counter
     cfg = DataConfig(root=str(root), sources={"bench": SourceConfig("bench-*.tar")})
-    loader = build_loader(cfg, stage, get_tokenizer(), num_image_tokens=256, dp_rank=0,
+    loader = build_loader(cfg, get_tokenizer(), **stage, num_image_tokens=256, dp_rank=0,
                           dp_size=1, micro_batch_size=mb, seed=0, num_workers=workers)
     it = iter(loader)
     first = next(it)  # worker start-up and tokenizer load are not throughput

@@ -74,3 +74,40 @@ def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 def jrec(rec: dict) -> bytes:
     return json.dumps(rec).encode()
+
+
+def write_defect_shards(root: Path) -> list[str]:
+    """Good caption samples plus one sample of each defect (b-defects.tar; keys name the
+    defect) and a truncated shard; returns the good keys."""
+    img = image_bytes()
+    good = [f"good{i}" for i in range(6)]
+    members = []
+    for k in good[:4]:
+        members += [(f"{k}.json", jrec(record("caption"))), (f"{k}.0.jpg", img)]
+    write_raw_tar(root / "a-good.tar", members)
+    big = image_bytes(300, 300)
+    defects = [
+        ("badjpeg", jrec(record("caption")), b"\xff\xd8\xff garbage"),
+        ("badjson", b'{"task": "caption", ', img),
+        ("noimage", jrec(record("caption")), None),
+        ("huge", jrec({**record("caption"), "images": [{"width": 300, "height": 300}]}), big),
+        ("outside", jrec({**record("grounding"), "refs": [{"expression": "x",
+                                                           "boxes": [[0, 0, 90, 10]]}]}), img),
+        ("toolong", jrec({**record("vqa"), "qa": [{"question": "word " * 200,  # answer cut
+                                                   "answer": "x"}]}), img),
+        ("nocaption", jrec({"task": "caption", "source": "s", "images": IM}), img),
+    ]
+    members = []
+    for key, js, im in defects:
+        members.append((f"{key}.json", js))
+        if im is not None:
+            members.append((f"{key}.0.jpg", im))
+    members += [(f"{good[4]}.json", jrec(record("caption"))), (f"{good[4]}.0.jpg", img)]
+    write_raw_tar(root / "b-defects.tar", members)
+    write_raw_tar(root / "c-truncated.tar", [
+        (f"{good[5]}.json", jrec(record("caption"))), (f"{good[5]}.0.jpg", img),
+        ("cut.json", jrec(record("caption")) * 40), ("cut.0.jpg", img)])
+    path = root / "c-truncated.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[:1536 + len(img) + 700])  # inside cut.json's data
+    return good

@@ -13,7 +13,8 @@ import pytest
 
 from qwenvl_train.data.encode import encode_tokens, pieces_to_ids
 from qwenvl_train.data.inspect import format_tokens
-from qwenvl_train.data.schema import TASKS, parse_record
+from qwenvl_train.data.records import parse_record
+from qwenvl_train.data.schema import TASKS
 from qwenvl_train.data.templates import accepts, render
 from qwenvl_train.data.tokenizer import SPECIAL_TOKEN_IDS, get_tokenizer
 from qwenvl_train.tokens import IGNORE_INDEX

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_fixtures import write_task_shards
+from data_fixtures import image_bytes, jrec, record, write_raw_tar, write_task_shards
 
 from qwenvl_train.data import inspect as inspect_cmd
 
@@ -36,3 +36,16 @@ def test_inspect_reports_filtered_samples(tmp_path, capsys):
     _, out = _run(["inspect", str(tmp_path / "chat-00000.tar"), "--stage", "sft",
                    "--num-image-tokens", "64"], capsys)
     assert "Picture 1: <img><imgpad>x64</img>" in out and "⟦It is 0.<|im_end|>⟧" in out
+
+
+def test_inspect_skips_images_larger_than_max_image_pixels(tmp_path, capsys):
+    huge = {**record("caption"), "images": [{"width": 10000, "height": 10000}]}  # 1e8 px
+    write_raw_tar(tmp_path / "s.tar", [("huge.json", jrec(huge)), ("huge.0.jpg", image_bytes()),
+                                       ("ok.json", jrec(record("caption"))),
+                                       ("ok.0.jpg", image_bytes())])
+    _, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain"], capsys)
+    assert "SKIPPED image_too_large: images[0] is 10000x10000 > 89478485 px" in out
+    assert '=== {"image_too_large": 1, "ok": 1}' in out
+    _, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain",
+                   "--max-image-pixels", str(64 * 48 - 1)], capsys)  # as data.max_image_pixels
+    assert '=== {"image_too_large": 2}' in out

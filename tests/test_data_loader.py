@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import IM, image_bytes, jrec, record, write_raw_tar, write_task_shards
+from data_fixtures import write_defect_shards, write_raw_tar, write_task_shards
 
 from qwenvl_train.data.config import DataConfig, SourceConfig
 from qwenvl_train.data.loader import DataError, build_loader
 from qwenvl_train.data.schema import TASKS
-from qwenvl_train.data.streams import Blender
+from qwenvl_train.data.sources import Blender
 from qwenvl_train.data.tokenizer import get_tokenizer
 
 STAGES = {
@@ -37,7 +37,7 @@ def _loader(root, stage="multitask", *, rank=0, dp=1, workers=0, mb=2, seed=7, s
             **cfg):
     sources = sources or {t: SourceConfig(f"{t}-*.tar") for t in TASKS}
     data = DataConfig(root=str(root), sources=sources, **cfg)
-    return build_loader(data, STAGES[stage], get_tokenizer(), num_image_tokens=4,
+    return build_loader(data, get_tokenizer(), **STAGES[stage], num_image_tokens=4,
                         dp_rank=rank, dp_size=dp, micro_batch_size=mb, seed=seed,
                         num_workers=workers)
 
@@ -90,11 +90,11 @@ def test_resume_skips_shards_without_reading(shard_root, monkeypatch):
     first = _loader(shard_root, "pretrain", mb=1)
     _take(first, 9)  # into the second caption shard
     state = first.state_dict()
-    import qwenvl_train.data.streams as streams
+    import qwenvl_train.data.sources as sources
 
     opened = []
-    real = streams.index_tar
-    monkeypatch.setattr(streams, "index_tar", lambda p: opened.append(p) or real(p))
+    real = sources.index_tar
+    monkeypatch.setattr(sources, "index_tar", lambda p: opened.append(p) or real(p))
     resumed = _loader(shard_root, "pretrain", mb=1)
     resumed.load_state_dict(state)
     _take(resumed, 1)
@@ -172,44 +172,8 @@ def test_packing_efficiency_on_multitask_mix(shard_root):
 
 # ---------------------------------------------------------------- corrupt data
 
-def _defect_shards(root: Path) -> list[str]:
-    """Good samples plus one of each defect; returns the good keys."""
-    img = image_bytes()
-    good = [f"good{i}" for i in range(6)]
-    members = []
-    for k in good[:4]:
-        members += [(f"{k}.json", jrec(record("caption"))), (f"{k}.0.jpg", img)]
-    write_raw_tar(root / "a-good.tar", members)
-    big = image_bytes(300, 300)
-    defects = [
-        ("badjpeg", jrec(record("caption")), b"\xff\xd8\xff garbage"),
-        ("badjson", b'{"task": "caption", ', img),
-        ("noimage", jrec(record("caption")), None),
-        ("huge", jrec({**record("caption"), "images": [{"width": 300, "height": 300}]}), big),
-        ("outside", jrec({**record("grounding"), "refs": [{"expression": "x",
-                                                           "boxes": [[0, 0, 90, 10]]}]}), img),
-        ("toolong", jrec({**record("vqa"), "qa": [{"question": "word " * 200,  # answer cut
-                                                   "answer": "x"}]}), img),
-        ("nocaption", jrec({"task": "caption", "source": "s", "images": IM}), img),
-    ]
-    members = []
-    for key, js, im in defects:
-        members.append((f"{key}.json", js))
-        if im is not None:
-            members.append((f"{key}.0.jpg", im))
-    members += [(f"{good[4]}.json", jrec(record("caption"))), (f"{good[4]}.0.jpg", img)]
-    write_raw_tar(root / "b-defects.tar", members)
-    write_raw_tar(root / "c-truncated.tar", [
-        (f"{good[5]}.json", jrec(record("caption"))), (f"{good[5]}.0.jpg", img),
-        ("cut.json", jrec(record("caption")) * 40), ("cut.0.jpg", img)])
-    path = root / "c-truncated.tar"
-    data = path.read_bytes()
-    path.write_bytes(data[:1536 + len(img) + 700])  # inside cut.json's data
-    return good
-
-
 def test_corrupt_data_skipped_counted_logged(tmp_path, caplog):
-    good = _defect_shards(tmp_path)
+    good = write_defect_shards(tmp_path)
     loader = _loader(tmp_path, "multitask_unpacked", mb=1, shuffle=False,
                      max_image_pixels=200 * 200, sources={"all": SourceConfig("*.tar")})
     with caplog.at_level(logging.WARNING, logger="qwenvl_train.data"):

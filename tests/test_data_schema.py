@@ -14,13 +14,13 @@ from data_fixtures import IM, image_bytes, record
 from PIL import Image
 
 from qwenvl_train.data.images import CLIP_MEAN, CLIP_STD, load_image, load_image_uint8
+from qwenvl_train.data.records import parse_record
 from qwenvl_train.data.schema import (
     TASKS,
     ChatSample,
     GroundedCaptionSample,
     SampleError,
     VQASample,
-    parse_record,
 )
 from qwenvl_train.data.shards import ShardWriter, read_manifests
 

@@ -6,7 +6,8 @@ import pytest
 
 from qwenvl_train.data.encode import Tokens, encode_tokens, truncate
 from qwenvl_train.data.inspect import format_tokens
-from qwenvl_train.data.schema import SampleError, parse_record
+from qwenvl_train.data.records import parse_record
+from qwenvl_train.data.schema import SampleError
 from qwenvl_train.data.templates import box1000_text, box_text, norm_coord, quad_text
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.tokens import IGNORE_INDEX

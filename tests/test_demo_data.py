@@ -15,7 +15,8 @@ from data_recipes.demo import FULL, SMALL, build_demo
 from data_recipes.demo.assets import cjk_font_path
 from data_recipes.demo.scenes import COLOURS
 from data_recipes.wds import read_samples
-from qwenvl_train.data.schema import TASKS, parse_record
+from qwenvl_train.data.records import parse_record
+from qwenvl_train.data.schema import TASKS
 
 
 def _digests(path) -> dict[str, str]:

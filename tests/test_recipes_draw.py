@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from qwenvl_train.data.draw import PALETTE, draw_sample
-from qwenvl_train.data.schema import parse_record
+from qwenvl_train.data.records import parse_record
 
 GREY = (128, 128, 128)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ALL_SHARDS = "**/*.tar"
+MAX_IMAGE_PIXELS = 89478485  # PIL's decompression-bomb limit
+TEMPLATES = ("pretrain", "multitask", "sft")  # stage templates (templates.py)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class DataConfig:
     prefetch_factor: int = 2
     shuffle: bool = True              # reshuffle shard order and in-shard order per epoch
     max_consecutive_bad: int = 32     # more bad samples in a row than this stop the run
-    max_image_pixels: int = 89478485  # PIL's decompression-bomb limit
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # a larger declared image is skipped
     pack_buffer: int = 4              # open rows per task while packing (first-fit)
     pad_to_multiple_of: int = 8       # unpacked rows: pad the batch to a multiple of this
     use_manifests: bool = True        # skip shards whose manifest has no usable task
@@ -38,12 +40,11 @@ class DataConfig:
         if not self.root:
             raise ValueError(f"{prefix}.root: must be a non-empty path")
         for name, src in self.sources.items():
-            shards = src["shards"] if isinstance(src, dict) else src.shards
-            weight = src["weight"] if isinstance(src, dict) else src.weight
-            if not isinstance(shards, str) or not shards.strip():
+            if not isinstance(src.shards, str) or not src.shards.strip():
                 raise ValueError(f"{prefix}.sources.{name}.shards: a non-empty pattern")
-            if not weight > 0:
-                raise ValueError(f"{prefix}.sources.{name}.weight: must be > 0, got {weight}")
+            if not src.weight > 0:
+                raise ValueError(f"{prefix}.sources.{name}.weight: must be > 0, "
+                                 f"got {src.weight}")
         for key, low in (("num_workers", 0), ("prefetch_factor", 1),
                          ("max_consecutive_bad", 0), ("max_image_pixels", 1),
                          ("pack_buffer", 1), ("pad_to_multiple_of", 1)):
@@ -51,25 +52,3 @@ class DataConfig:
             if not isinstance(v, int) or v < low:
                 raise ValueError(f"{prefix}.{key}: must be an int >= {low}, got {v!r}")
 
-
-TEMPLATES = ("pretrain", "multitask", "sft")
-
-
-
-
-def as_data_config(cfg: object) -> DataConfig:
-    """Accept a DataConfig, a DictConfig of the `data` group or a plain dict."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    cfg = dict(cfg)
-    known = DataConfig.__dataclass_fields__
-    sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s)
-               for n, s in (cfg.pop("sources", None) or {}).items()}
-    return DataConfig(sources=sources, **{k: v for k, v in cfg.items() if k in known})

@@ -18,7 +18,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .schema import Sample, parse_record
+from .records import parse_record
+from .schema import Sample
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (128, 128, 0))

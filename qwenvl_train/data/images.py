@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .schema import SampleError
+from .schema import Sample, SampleError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,6 +96,17 @@ def load_image_uint8(data: bytes, size: int, *, max_pixels: int | None = None,
     except Exception as e:  # truncated/corrupt data surfaces only at decode time
         raise SampleError("bad_image", f"decode failed: {e}") from None
     return resize_uint8(img, size)
+
+
+def decode_images(sample: Sample, order: list[int], size: int, *,
+                  max_pixels: int | None) -> torch.Tensor:
+    """The images of `sample` its tokens use (`order`: image index of each `<img>` span)
+    -> uint8 [n, 3, size, size]. `sample.images` holds the encoded bytes."""
+    pix = [load_image_uint8(sample.images[i], size, max_pixels=max_pixels,
+                            expected_size=sample.image_sizes[i]) for i in order]
+    if not pix:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return pix[0].unsqueeze(0) if len(pix) == 1 else torch.stack(pix)
 
 
 def load_image(data: bytes, size: int, **kwargs) -> torch.Tensor:

@@ -6,16 +6,16 @@ Loss-bearing tokens are wrapped in ⟦ ⟧; a run of image slots prints as `<img
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 from qwenvl_train.tokens import IGNORE_INDEX
 
-from .config import TEMPLATES
+from .config import MAX_IMAGE_PIXELS, TEMPLATES
 from .encode import encode_tokens
 from .reader import ShardFile, index_tar
-from .schema import TASKS, SampleError, parse_record
+from .records import read_record
+from .schema import TASKS, Sample, SampleError
 from .templates import accepts
 from .tokenizer import IMG_PAD, QwenVLTokenizer, get_tokenizer
 
@@ -54,8 +54,11 @@ def format_tokens(ids: list[int], labels: list[int], tok: QwenVLTokenizer) -> st
 
 
 def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len: int,
-                  draw_dir: str | None = None, out=print) -> dict:
-    """Print the first `n` samples of a shard; return counts by outcome."""
+                  draw_dir: str | None = None, out=print,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+    """Print the first `n` samples of a shard; return counts by outcome. Records are read
+    as the training loader reads them (`records.read_record`), task filter last so that a
+    filtered sample still shows what it is."""
     tok = get_tokenizer()
     index = index_tar(path)
     counts: dict[str, int] = {}
@@ -67,10 +70,7 @@ def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len:
         for entry in index.entries[:n]:
             out(f"--- {entry.key}  members: {sorted(entry.members)}")
             try:
-                if "json" not in entry.members:
-                    raise SampleError("bad_record", "no .json member")
-                images = entry.image_members()
-                sample = parse_record(f.read(entry.members["json"]), entry.key, set(images))
+                sample = read_record(entry, f, max_image_pixels=max_image_pixels).sample
             except SampleError as e:
                 out(f"   SKIPPED {e.reason}: {e.msg}")
                 counts[e.reason] = counts.get(e.reason, 0) + 1
@@ -93,28 +93,25 @@ def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len:
             out(format_tokens(tokens.input_ids, tokens.labels, tok))
             counts["ok"] = counts.get("ok", 0) + 1
             if draw_dir:
-                _draw(sample, {i: f.read(loc) for i, loc in images.items()}, draw_dir, out)
+                _draw(sample, draw_dir, out)
     finally:
         f.close()
     return counts
 
 
-def _draw(sample, image_bytes: dict[int, bytes], draw_dir: str, out) -> None:
-    from PIL import Image
-
+def _draw(sample: Sample, draw_dir: str, out) -> None:
     from .draw import draw_sample  # written separately; imported only when asked for
 
-    sample.images = [Image.open(io.BytesIO(image_bytes[i])).convert("RGB")
-                     for i in range(len(sample.image_sizes))]
     Path(draw_dir).mkdir(parents=True, exist_ok=True)
     dest = Path(draw_dir) / f"{sample.key.replace('/', '_')}.png"
-    draw_sample(sample, dest)
+    draw_sample(sample, dest)  # decodes the image bytes `read_record` left in the sample
     out(f"    drawn: {dest}")
 
 
 def _handler(args: argparse.Namespace) -> int:
     counts = inspect_shard(args.shard, args.stage, args.n, args.num_image_tokens,
-                           args.seq_len or DEFAULT_SEQ_LEN[args.stage], args.draw)
+                           args.seq_len or DEFAULT_SEQ_LEN[args.stage], args.draw,
+                           max_image_pixels=args.max_image_pixels)
     print(f"=== {json.dumps(counts, sort_keys=True)}")
     return 0
 
@@ -130,6 +127,9 @@ def register(subparsers) -> None:
                    help="image slots per image (256 in Qwen-VL)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="truncation length (default: the stage's, 512 or 2048)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="skip images declared larger, as data.max_image_pixels does "
+                        f"(default {MAX_IMAGE_PIXELS})")
     p.add_argument("--draw", metavar="DIR", default=None,
                    help="also draw each sample's images with its boxes into DIR")
     p.set_defaults(func=_handler)

@@ -1,24 +1,33 @@
 """The training data pipeline, as a list of steps, with exact resume.
 
-Per data stream (one per dp rank x loader worker; worker.py), in this order:
+Per data stream (one per dp rank x loader worker), in this order. Step 1 runs here, once;
+steps 2-10 are the stages of `Stream.batches` in stream.py (`Stream.samples` and
+`Stream.load` spell out 2-7, one call per step):
 
-1. shards of each source (brace patterns / globs relative to `root`); shards whose
-   manifest lists no task the stage template takes are dropped up front;
-2. split over streams (streams.py: whole shards, or samples when shards are too few);
-3. tolerant tar reading: headers indexed, members read by seek (reader.py);
-4. group members by key -> JSON record -> task filter: samples the stage template does
-   not take are dropped HERE, before any image is read or decoded;
-5. typed sample (schema.parse_record) -> template + tokenise + truncate (encode.py), so a
-   too-long sample is also dropped before its images are decoded;
-6. decode + transform the images (images.py);
-7. weighted blending of sources (deterministic draws per seed and stream);
-8. stage 2: first-fit packing of same-task samples (packing.py);
-9. collate into the batch dict of docs/contracts.md.
+ 1. shards of each source (brace patterns / globs relative to `root`); shards whose
+    manifest lists no task the stage template takes are dropped up front
+    (`resolve_sources`);
+ 2. split over streams: whole shards, or samples when shards are too few
+    (sources.SourceOrder);
+ 3. tolerant tar reading: headers indexed, members read by seek (reader.py);
+ 4. JSON record + task filter: samples the stage template does not take are dropped HERE,
+    before any image is read or decoded (records.read_record);
+ 5. typed sample, validated, with its image bytes (records.parse_record; images declared
+    larger than `max_image_pixels` are dropped here);
+ 6. template + tokenise + truncate (encode.encode_tokens), so a too-long sample is also
+    dropped before its images are decoded;
+ 7. decode + resize the images the tokens use (images.decode_images);
+ 8. weighted blending of sources (sources.Blender; deterministic draws per seed and
+    stream);
+ 9. stage 2: first-fit packing of same-task samples (packing.Packer);
+10. collate into the batch dict of docs/contracts.md (packing.collate).
 
-Error policy: a bad sample raises `SampleError` (reason codes in schema.REASONS) and an
-unreadable member `OSError`; both are skipped, counted by reason and logged with shard and
-key; more than `max_consecutive_bad` in a row raise `DataError`. Any other exception is a
-bug and stops the run.
+`qwenvl-data inspect` and evaluation read records through the same `read_record`.
+
+Error policy: a bad sample raises `SampleError` (reason codes in schema.REASONS; an
+unreadable member is `bad_tar`); it is skipped, counted by reason and logged with shard
+and key; more than `max_consecutive_bad` in a row raise `DataError`. Any other exception
+is a bug and stops the run.
 
 Resume: each stream's position is a handful of integers plus the addresses of samples
 buffered in the packer. Every batch travels with its stream's position; the main process
@@ -34,14 +43,12 @@ import signal
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qwenvl_train.config import cfg_get
-
-from .config import ALL_SHARDS, TEMPLATES, SourceConfig, as_data_config
+from .config import ALL_SHARDS, DataConfig, SourceConfig
 from .reader import expand_shards
 from .shards import read_manifests
+from .stream import DataError, LoaderSpec, Stream, new_stats
 from .templates import ACCEPTS
 from .tokenizer import QwenVLTokenizer
-from .worker import DataError, LoaderSpec, Stream, new_stats
 
 log = logging.getLogger("qwenvl_train.data")
 STATE_VERSION = 1
@@ -148,7 +155,7 @@ class TrainLoader:
         return total
 
 
-def resolve_sources(cfg, template: str) -> list[tuple[str, list[str], float]]:
+def resolve_sources(cfg: DataConfig, template: str) -> list[tuple[str, list[str], float]]:
     """Step 1: expand patterns; drop shards (and sources) the template cannot use."""
     manifests = read_manifests(cfg.root) if cfg.use_manifests else {}
     out = []
@@ -170,26 +177,21 @@ def resolve_sources(cfg, template: str) -> list[tuple[str, list[str], float]]:
     return out
 
 
-def build_loader(data_cfg, stage_cfg, tokenizer: QwenVLTokenizer, *, num_image_tokens: int,
+def build_loader(data: DataConfig, tokenizer: QwenVLTokenizer, *, template: str,
+                 image_size: int, seq_len: int, pack: bool, num_image_tokens: int,
                  dp_rank: int, dp_size: int, micro_batch_size: int, seed: int,
                  num_workers: int | None = None) -> TrainLoader:
-    """The trainer's entry point (docs/contracts.md)."""
-    cfg = as_data_config(data_cfg)
-    cfg.validate("data")
-    template = cfg_get(stage_cfg, "template")
-    if template not in TEMPLATES:
-        raise ValueError(f"stage.template: {template!r} not in {TEMPLATES}")
+    """The trainer's entry point (docs/contracts.md). `data` has passed
+    `DataConfig.validate` (config loading runs it); template, image_size, seq_len and pack
+    are the stage's. `num_workers` defaults to `data.num_workers`."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
     spec = LoaderSpec(
-        root=str(cfg.root), sources=resolve_sources(cfg, template), template=template,
-        image_size=int(cfg_get(stage_cfg, "image_size")),
-        seq_len=int(cfg_get(stage_cfg, "seq_len")),
-        pack=bool(cfg_get(stage_cfg, "pack", False)),
-        num_image_tokens=int(num_image_tokens), micro_batch_size=int(micro_batch_size),
-        seed=int(seed), dp_rank=int(dp_rank), dp_size=int(dp_size),
-        num_workers=int(cfg.num_workers if num_workers is None else num_workers),
-        prefetch_factor=cfg.prefetch_factor, shuffle=cfg.shuffle,
-        max_consecutive_bad=cfg.max_consecutive_bad, max_image_pixels=cfg.max_image_pixels,
-        pack_buffer=cfg.pack_buffer, pad_to_multiple_of=cfg.pad_to_multiple_of)
+        root=data.root, sources=resolve_sources(data, template), template=template,
+        image_size=image_size, seq_len=seq_len, pack=pack, num_image_tokens=num_image_tokens,
+        micro_batch_size=micro_batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+        num_workers=data.num_workers if num_workers is None else num_workers,
+        prefetch_factor=data.prefetch_factor, shuffle=data.shuffle,
+        max_consecutive_bad=data.max_consecutive_bad, max_image_pixels=data.max_image_pixels,
+        pack_buffer=data.pack_buffer, pad_to_multiple_of=data.pad_to_multiple_of)
     return TrainLoader(spec, tokenizer)

@@ -1,13 +1,13 @@
-"""Typed samples: one dataclass per task, parsed and validated from a shard's JSON record.
+"""Typed samples: one dataclass per task, the task and skip-reason names, `SampleError`.
 
-The record format is documented in docs/contracts.md. `parse_record` is the single place
-that decides whether a record is usable; every rejection is a `SampleError` whose `reason`
-is one of `REASONS`, so the loader can count skips by cause.
+The record format is documented in docs/contracts.md. Records become these samples in
+records.py (`read_record` / `parse_record`, the single place that decides whether a record
+is usable); every rejection is a `SampleError` whose `reason` is one of `REASONS`, so the
+loader can count skips by cause. This module imports nothing else of the data package.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,43 +149,3 @@ SAMPLE_CLASSES: dict[str, type[Sample]] = {
 # Tasks whose record must carry exactly one image (all but text and chat).
 ONE_IMAGE_TASKS = frozenset(TASKS) - {"text", "chat"}
 
-
-def parse_record(
-    record: dict | bytes | str,
-    key: str,
-    image_indices: set[int] | None = None,
-    max_image_pixels: int | None = None,
-) -> Sample:
-    """Validate a shard record and return its typed sample (images not loaded).
-
-    `image_indices`: indices of the image members present for this key; when given, a
-    declared image without a member is `missing_image`.
-    """
-    from .validate import bad, image_sizes, parse_fields, string  # needs the classes above
-
-    if isinstance(record, (bytes, str)):
-        try:
-            record = json.loads(record)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SampleError("bad_json", f"{key}: {e}") from None
-    if not isinstance(record, dict):
-        raise SampleError("bad_json", f"{key}: record is not a JSON object")
-    if not key or "." in key:
-        raise bad(f"key {key!r} must be non-empty and contain no dots")
-    task = record.get("task")
-    if task not in TASKS:
-        raise bad(f"task {task!r} not in {TASKS}")
-    source = string(record.get("source"), "source")
-    sizes = image_sizes(record, max_image_pixels)
-    if task in ONE_IMAGE_TASKS and len(sizes) != 1:
-        raise bad(f"task {task} needs exactly one image, record declares {len(sizes)}")
-    if task == "text" and sizes:
-        raise bad("task text takes no images")
-    if image_indices is not None:
-        missing = [i for i in range(len(sizes)) if i not in image_indices]
-        if missing:
-            raise SampleError("missing_image", f"{key}: no member for image(s) {missing}")
-    fields = parse_fields(task, record, sizes)
-    cls = SAMPLE_CLASSES[task]
-    return cls(key=key, source=source, task=task, image_sizes=sizes,
-               images=[None] * len(sizes), **fields)

@@ -17,7 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from .schema import IMAGE_EXTS, SampleError, parse_record
+from .records import parse_record
+from .schema import IMAGE_EXTS, SampleError
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

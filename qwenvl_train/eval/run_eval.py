@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 from qwenvl_train.data import tokenizer as tk
+from qwenvl_train.data.config import MAX_IMAGE_PIXELS
 from qwenvl_train.data.encode import pieces_to_ids
 from qwenvl_train.data.images import load_image
 from qwenvl_train.data.reader import ShardFile, expand_shards, index_tar
-from qwenvl_train.data.schema import SampleError, parse_record
+from qwenvl_train.data.records import Record, read_record
+from qwenvl_train.data.schema import SampleError
 from qwenvl_train.data.templates import PROMPTS, ImageSlot, Piece, Special
 from qwenvl_train.eval import metrics
 from qwenvl_train.eval.generate import generate, stop_ids
@@ -74,9 +76,9 @@ def _answers(raw_qa: dict, answer: str) -> list[str]:
     return [answer]
 
 
-def _items_of(task: str, key: str, raw: dict, image: bytes) -> Iterator[Item]:
-    sample = parse_record(raw, key, {0})
-    size = sample.image_sizes[0]
+def _items_of(task: str, record: Record) -> Iterator[Item]:
+    sample, raw = record.sample, record.raw
+    key, image, size = sample.key, sample.images[0], sample.image_sizes[0]
     if task == "caption":
         refs = raw.get("captions") or [sample.caption]  # extra references when present
         yield Item(key, prompt_pieces(task, ""), image, size, [str(r) for r in refs])
@@ -91,8 +93,10 @@ def _items_of(task: str, key: str, raw: dict, image: bytes) -> Iterator[Item]:
                        [tuple(b) for b in ref.boxes], {"expression": ref.expression})
 
 
-def iter_items(shards: Sequence[str], task: str, counts: dict[str, int]) -> Iterator[Item]:
-    """Eval items of `task` from shard files, in shard order; skips are counted in `counts`."""
+def iter_items(shards: Sequence[str], task: str, counts: dict[str, int], *,
+               max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Item]:
+    """Eval items of `task` from shard files, in shard order; records are read as the
+    training loader reads them (`read_record`), skips are counted in `counts`."""
     for path in shards:
         index = index_tar(path)
         if index.error:
@@ -101,15 +105,10 @@ def iter_items(shards: Sequence[str], task: str, counts: dict[str, int]) -> Iter
         try:
             for entry in index.entries:
                 try:
-                    if "json" not in entry.members:
-                        raise SampleError("bad_record", "no .json member")
-                    raw = json.loads(f.read(entry.members["json"]))
-                    if not isinstance(raw, dict) or raw.get("task") not in _RECORD_TASKS[task]:
-                        continue
-                    images = entry.image_members()
-                    if 0 not in images:
-                        raise SampleError("missing_image", entry.key)
-                    yield from _items_of(task, entry.key, raw, f.read(images[0]))
+                    record = read_record(entry, f, max_image_pixels=max_image_pixels,
+                                         tasks=_RECORD_TASKS[task])
+                    if record is not None:
+                        yield from _items_of(task, record)
                 except (SampleError, ValueError, KeyError) as e:
                     reason = getattr(e, "reason", "bad_record")
                     counts[reason] = counts.get(reason, 0) + 1

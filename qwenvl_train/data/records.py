@@ -1,26 +1,114 @@
-"""Field-level validation of shard records (used by `schema.parse_record`).
+"""Shard records -> typed samples: the one way every reader of our shards takes.
 
-Every problem raises `SampleError` with a reason code; messages name the offending field.
+`read_record` turns one tar entry (its JSON member and image members) into a `Record`: the
+validated typed sample with its image bytes, plus the raw JSON. The training stream,
+`qwenvl-data inspect` and evaluation all read through it, so they drop the same records
+for the same reasons (`schema.REASONS`). `parse_record` is the validation itself (the
+shard writer uses it too): every problem raises `SampleError` with a reason code, and the
+message names the offending field.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
+from .reader import Entry, ShardFile
 from .schema import (
     BOX_TOLERANCE_PX,
+    ONE_IMAGE_TASKS,
     QA,
     ROLES,
+    SAMPLE_CLASSES,
+    TASKS,
     Box,
     Message,
     Part,
     Point,
     Ref,
     Region,
+    Sample,
     SampleError,
     Span,
 )
+
+
+@dataclass
+class Record:
+    sample: Sample  # validated; `sample.images` holds the encoded image bytes, in index order
+    raw: dict  # the JSON as stored (fields beyond the schema, e.g. extra eval references)
+
+
+def _json(data: dict | bytes | str, key: str) -> Any:
+    if isinstance(data, dict):
+        return data
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError("bad_json", f"{key}: {e}") from None
+
+
+def parse_record(
+    record: dict | bytes | str,
+    key: str,
+    image_indices: set[int] | None = None,
+    max_image_pixels: int | None = None,
+) -> Sample:
+    """Validate a shard record and return its typed sample (images not loaded).
+
+    `image_indices`: indices of the image members present for this key; when given, a
+    declared image without a member is `missing_image`. `max_image_pixels`: a declared
+    image larger than this is `image_too_large`.
+    """
+    record = _json(record, key)
+    if not isinstance(record, dict):
+        raise SampleError("bad_json", f"{key}: record is not a JSON object")
+    if not key or "." in key:
+        raise bad(f"key {key!r} must be non-empty and contain no dots")
+    task = record.get("task")
+    if task not in TASKS:
+        raise bad(f"task {task!r} not in {TASKS}")
+    source = string(record.get("source"), "source")
+    sizes = image_sizes(record, max_image_pixels)
+    if task in ONE_IMAGE_TASKS and len(sizes) != 1:
+        raise bad(f"task {task} needs exactly one image, record declares {len(sizes)}")
+    if task == "text" and sizes:
+        raise bad("task text takes no images")
+    if image_indices is not None:
+        missing = [i for i in range(len(sizes)) if i not in image_indices]
+        if missing:
+            raise SampleError("missing_image", f"{key}: no member for image(s) {missing}")
+    fields = parse_fields(task, record, sizes)
+    cls = SAMPLE_CLASSES[task]
+    return cls(key=key, source=source, task=task, image_sizes=sizes,
+               images=[None] * len(sizes), **fields)
+
+
+def read_record(entry: Entry, shard: ShardFile, *, max_image_pixels: int | None,
+                tasks: Collection[str] | None = None) -> Record | None:
+    """One tar entry -> its validated record with the image bytes read.
+
+    None when the record's task is valid but not in `tasks`: decided from the JSON alone,
+    before anything else is validated or read. Raises `SampleError` (an unreadable member
+    is `bad_tar`).
+    """
+    try:
+        if "json" not in entry.members:
+            raise SampleError("bad_record", "no .json member")
+        raw = _json(shard.read(entry.members["json"]), entry.key)
+        task = raw.get("task") if isinstance(raw, dict) else None
+        if tasks is not None and task in TASKS and task not in tasks:
+            return None
+        members = entry.image_members()
+        sample = parse_record(raw, entry.key, set(members), max_image_pixels)
+        sample.images = [shard.read(members[i]) for i in range(len(sample.image_sizes))]
+    except OSError as e:
+        raise SampleError("bad_tar", str(e)) from None
+    return Record(sample, raw)
+
 
 # ---------------------------------------------------------------- validation helpers
 

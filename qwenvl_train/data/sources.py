@@ -1,7 +1,10 @@
-"""Per-stream sample order: which shard/sample a (rank, worker) stream reads next.
+"""Sources as one stream sees them: each source's sample order (steps 2-3 of loader.py)
+and the weighted blend over sources (step 8).
 
-Every random choice is a pure function of (seed, names, epoch, counters), so a position
-of a few integers is the whole state, and a resumed stream jumps straight back.
+`SourceOrder` says which shard/sample of one source a (rank, worker) stream reads next and
+hands out its tar entries; `Blender` picks the source of each draw. Every random choice
+is a pure function of (seed, names, epoch, counters), so a position of a few integers is
+the whole state, and a resumed stream jumps straight back.
 
 Splitting a source over S = dp_size x workers streams:
 * shard mode (>= S shards): each epoch the shard list is permuted (same permutation in
@@ -45,7 +48,10 @@ class IndexCache:
         return self._d[path]
 
 
-class SourceStream:
+class SourceOrder:
+    """One source's samples in the order one stream reads them (split over streams,
+    shuffled per epoch), as (address, tar entry, open shard); the position is a few ints."""
+
     # position fields, in the order they are stored in a cursor
     FIELDS = ("epoch", "shard", "sample", "run", "valid", "empty")
 
