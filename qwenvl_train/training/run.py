@@ -175,7 +175,8 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     loader = None
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
         loader = build_loader(
-            cfg.data, cfg.stage, get_tokenizer(),
+            cfg.data, get_tokenizer(), template=cfg.stage.template,
+            image_size=cfg.stage.image_size, seq_len=cfg.stage.seq_len, pack=cfg.stage.pack,
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
             num_workers=cfg.data.num_workers,
