@@ -229,3 +229,32 @@ def test_llava_box_outside_the_image_is_named(tmp_path):
     assert m["skipped"] == {"box_outside_image": 1}
     [p] = map(json.loads, (tmp_path / "out" / "llava-problems.jsonl").read_text().splitlines())
     assert p["key"] == "000000000_a" and "200x100" in p["detail"]
+
+
+def test_readme_llava_example_works_as_written(tmp_path):
+    """The worked example of data_recipes/README.md, its bash blocks run as they stand
+    (`qwenvl-data` and `python` are this interpreter), prints and writes what it says."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "data_recipes" / "README.md").read_text()
+    section = readme.split("### Worked example: my LLaVA JSON -> shards")[1].split("\n## ")[0]
+    script = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, target in (("qwenvl-data", "-m qwenvl_train.cli.data"), ("python", "")):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {sys.executable} {target} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(["bash", "-euc", script], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"num_samples": 2' in proc.stdout and '"missing_image": 1' in proc.stdout
+    assert "Picture 1: <img>" in proc.stdout and "<box>(0,0),(999,999)</box>" in proc.stdout
+    assert '"key": "000000002_fox-2"' in proc.stdout
