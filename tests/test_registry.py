@@ -24,8 +24,8 @@ def model() -> nn.Module:
     return build_model(CFG, 224)
 
 
-def test_names_import_without_torch():
-    code = ("import sys, qwenvl_train.model.groups; "
+def test_names_and_parallel_config_import_without_torch():
+    code = ("import sys, qwenvl_train.model.groups, qwenvl_train.training.parallel.config; "
             "print([m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout

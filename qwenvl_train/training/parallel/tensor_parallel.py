@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl_train.model import groups
+from qwenvl_train.training.parallel.config import ParallelConfig
 
 
 class _CopyToTensorRegion(torch.autograd.Function):
@@ -118,6 +119,8 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     if world == 1:
         return model
     rank = dist.get_rank(group=group)
+    # Heads and MLP widths must split evenly: the config's rule, also for direct callers.
+    ParallelConfig(tp=world).validate(model=model.config)
     for path, style in groups.tensor_parallel_plan(model.config).items():
         owner_path, _, name = path.rpartition(".")
         owner = model.get_submodule(owner_path)
