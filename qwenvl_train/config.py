@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qwenvl_train.data.config import TEMPLATES, DataConfig
 from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.model.groups import GROUPS
+from qwenvl_train.training.parallel.config import ParallelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -127,34 +128,6 @@ class StageConfig:
 
 
 @dataclass
-class ParallelConfig:
-    zero_stage: int = 0
-    pp: int = 1
-    tp: int = 1
-    deepspeed: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self, prefix: str) -> None:
-        _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _positive(f"{prefix}.pp", self.pp)
-        _positive(f"{prefix}.tp", self.tp)
-        if "scheduler" in self.deepspeed:
-            raise ConfigError(
-                f"{prefix}.deepspeed.scheduler: a DeepSpeed-side scheduler would silently "
-                "replace the stage's cosine schedule; set stage.optim instead"
-            )
-        derived = ("optimizer", "train_batch_size", "gradient_accumulation_steps",
-                   "train_micro_batch_size_per_gpu", "bf16", "fp16", "gradient_clipping")
-        for key in derived:
-            if key in self.deepspeed:
-                raise ConfigError(
-                    f"{prefix}.deepspeed.{key}: derived from the stage config; set it there"
-                )
-        if "stage" in dict(self.deepspeed.get("zero_optimization") or {}):
-            raise ConfigError(f"{prefix}.deepspeed.zero_optimization.stage: set "
-                              f"{prefix}.zero_stage instead (it decides how the model is built)")
-
-
-@dataclass
 class TrackingConfig:
     backend: str = "wandb"
     mode: str = "offline"
@@ -200,7 +173,7 @@ class TrainConfig:
         self.stage.validate("stage")
         self.model.validate("model")
         self.data.validate("data")
-        self.parallel.validate("parallel")
+        self.parallel.validate("parallel", self.model)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
         _choice("resume", self.resume, ("auto", "never"))

@@ -50,9 +50,9 @@ def initial_state(stage_image_size: int = 224, seed: int = 1234) -> dict[str, to
 
 
 def split_by_group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    from qwenvl_train.model.groups import group_of
+    from qwenvl_train.model.groups import GROUPS, group_of
 
-    out: dict[str, dict[str, torch.Tensor]] = {"vit": {}, "adapter": {}, "llm": {}}
+    out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
     for name, tensor in state.items():
         out[group_of(name)][name] = tensor
     return out

@@ -24,7 +24,7 @@ def validate_launch(cfg: TrainConfig) -> None:
     from qwenvl_train.training.parallel.engine import grad_accumulation_steps
     from qwenvl_train.training.parallel.topology import validate_parallel
 
-    sizes = validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
+    sizes = validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)))
     grad_accumulation_steps(cfg, sizes.dp)
 
 

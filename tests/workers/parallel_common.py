@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from qwenvl_train.model.config import QwenVLConfig
-from qwenvl_train.model.groups import set_trainable
+from qwenvl_train.model.groups import GROUPS, set_trainable
 from qwenvl_train.model.qwenvl import build_model
 from qwenvl_train.training.optim import build_optimizer, build_param_groups
 
@@ -36,7 +36,7 @@ def tiny_config(checkpointing: bool = False) -> QwenVLConfig:
     })
 
 
-def make_model(trainable=("vit", "adapter", "llm"), seed: int = SEED,
+def make_model(trainable=GROUPS, seed: int = SEED,
                checkpointing: bool = False):
     torch.manual_seed(seed)
     model = build_model(tiny_config(checkpointing), IMAGE_SIZE)
@@ -111,7 +111,7 @@ def _clip(params: list[torch.Tensor]) -> float:
     return norm
 
 
-def reference(dp: int, trainable=("vit", "adapter", "llm"), steps: int = STEPS,
+def reference(dp: int, trainable=GROUPS, steps: int = STEPS,
               skip: tuple[int, ...] = ()):
     """Single process: losses and pre-clip grad norms per step, and the trained model.
     Steps in `skip` make no update (what a NaN step must do) and report NaN."""

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel_common as pc  # noqa: E402
 
 from qwenvl_train.training.optim import build_optimizer  # noqa: E402
+from qwenvl_train.training.parallel.config import ParallelConfig  # noqa: E402
 from qwenvl_train.training.parallel.engine import init_distributed  # noqa: E402
 from qwenvl_train.training.parallel.parallelize import parallelize  # noqa: E402
 
@@ -56,7 +57,7 @@ def build(pp: int, tp: int, trainable, seed: int = pc.SEED, parts=None, bf16=Fal
           engine: bool = True, zero: int = 1, checkpointing: bool = False):
     """What the trainer does: model -> freeze -> parallelize -> groups -> engine."""
     cfg = SimpleNamespace(
-        parallel={"pp": pp, "tp": tp, "zero_stage": zero}, model=pc.tiny_config(),
+        parallel=ParallelConfig(pp=pp, tp=tp, zero_stage=zero), model=pc.tiny_config(),
         stage=SimpleNamespace(image_size=pc.IMAGE_SIZE, seq_len=pc.SEQ_LEN,
                               trainable=trainable, pack=True))
     par = parallelize(pc.make_model(trainable, seed, checkpointing), cfg, parts=parts)
