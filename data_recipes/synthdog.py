@@ -14,17 +14,13 @@ Donut's SynthDoG writes `metadata.jsonl` lines `{"file_name": "image_0.jpg",
   them as `OCR with grounding:`.
 - **text only**: the stock generator's `{"gt_parse": {"text_sequence": "..."}}` -> plain
   OCR, image -> the full text in reading order, no positions: the record
-  `{"task": "ocr", "text": "...", "images": [...]}` (no `regions`). The record schema of
-  `qwenvl_train/data` must accept it; a version that does not yet (it asks every OCR
-  region for a quad or a box) makes these items `ocr_text_unsupported` skips, counted and
-  named like every other skip (`plain_ocr_supported()` asks the schema).
+  `{"task": "ocr", "text": "...", "images": [...]}` (no `regions`), rendered as `OCR:`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from functools import cache
 from typing import Any
 
 from data_recipes.common import Converted, Skip, image_dir, load_image, records_with_root, resolve
@@ -104,22 +100,6 @@ def plain_ocr_record(source: str, width: int, height: int, text: str) -> dict[st
             "text": text}
 
 
-@cache
-def plain_ocr_supported() -> bool:
-    """Whether the installed record schema takes `plain_ocr_record` (asked, not assumed)."""
-    from qwenvl_train.data.schema import SampleError, parse_record
-
-    try:
-        parse_record(plain_ocr_record("probe", 8, 8, "probe"), "probe")
-    except SampleError:
-        return False
-    return True
-
-
-UNSUPPORTED = ("this qwenvl_train's record schema has no geometry-free OCR record "
-               "(every region needs a quad or a box)")
-
-
 class SynthDoG(Converter):
     name = "synthdog"
     task = "ocr"
@@ -154,7 +134,5 @@ class SynthDoG(Converter):
         text = text_sequence_of(rec)
         if not text:
             raise Skip("no_regions", "no text region with a position and no text_sequence")
-        if not plain_ocr_supported():
-            raise Skip("ocr_text_unsupported", UNSUPPORTED)
         record = plain_ocr_record(self.source, im.width, im.height, text)
         return Converted(self.item_key(item), record, members)

@@ -8,7 +8,7 @@ import json
 from PIL import Image
 
 from data_recipes import run_conversion
-from data_recipes.synthdog import SynthDoG, plain_ocr_record, plain_ocr_supported
+from data_recipes.synthdog import SynthDoG, plain_ocr_record
 from data_recipes.text import TextJSONL, split_text
 from data_recipes.wds import read_samples
 
@@ -42,10 +42,7 @@ def test_synthdog_metadata_jsonl(tmp_path):
     src = train / "metadata.jsonl"
     src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     m = run_conversion(SynthDoG(str(src), source="synthdog_en"), tmp_path / "out")
-    if plain_ocr_supported():  # the text-only row is plain OCR (test_synthdog_stock_text_only)
-        assert m["num_samples"] == 3 and m["skipped"] == {}
-    else:
-        assert m["num_samples"] == 2 and m["skipped"] == {"ocr_text_unsupported": 1}
+    assert m["num_samples"] == 3 and m["skipped"] == {}  # the text-only row is plain OCR
     got = read_samples(str(tmp_path / "out"))
     rec, ims = got["000000000"]
     assert rec == {"task": "ocr", "source": "synthdog_en",
@@ -88,18 +85,10 @@ def test_synthdog_stock_text_only_is_plain_ocr(tmp_path):
     assert expected == {"task": "ocr", "source": "synthdog_zh",
                         "images": [{"width": 120, "height": 80}],
                         "text": "第一行 文字\nsecond line"}
-    if plain_ocr_supported():  # the record schema takes OCR without geometry
-        assert m["num_samples"] == 2 and m["skipped"] == {"no_regions": 1}
-        got = read_samples(str(tmp_path / "out"))
-        assert got["000000000"] == (expected, [_jpeg((120, 80))])
-        assert got["000000002"][0]["text"] == "only text"
-    else:  # not yet: every stock item is named as a skip with the reason, none is lost silently
-        assert m["num_samples"] == 0
-        assert m["skipped"] == {"no_regions": 1, "ocr_text_unsupported": 2}
-        assert {k: p["reason"] for k, p in problems.items()} == {
-            "000000000": "ocr_text_unsupported", "000000001": "no_regions",
-            "000000002": "ocr_text_unsupported"}
-        assert "geometry-free" in problems["000000000"]["detail"]
+    assert m["num_samples"] == 2 and m["skipped"] == {"no_regions": 1}
+    got = read_samples(str(tmp_path / "out"))
+    assert got["000000000"] == (expected, [_jpeg((120, 80))])
+    assert got["000000002"][0]["text"] == "only text"
 
 
 def test_split_text_prefers_paragraphs_then_words():
