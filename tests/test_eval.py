@@ -34,7 +34,7 @@ from qwenvl_train.eval.parse import (
     parse_grounding,
     quad_to_pixels,
 )
-from qwenvl_train.model import build_model
+from qwenvl_train.model.qwenvl import build_model
 
 IMAGE_SIZE = 28
 TOK = get_tokenizer()

@@ -212,7 +212,8 @@ def evaluate(model, shards: str | Sequence[str], task: str, *, root: str | Path 
 def load_export(export: str | Path, image_size: int, device: str = "cpu",
                 dtype: torch.dtype = torch.float32):
     """Build the model described by an export's `config.json` and load its weights."""
-    from qwenvl_train.model import QwenVLConfig, build_model
+    from qwenvl_train.model.config import QwenVLConfig
+    from qwenvl_train.model.qwenvl import build_model
     from qwenvl_train.model.weights import load_consolidated
 
     cfg = QwenVLConfig.from_dict(json.loads((Path(export) / "config.json").read_text()))

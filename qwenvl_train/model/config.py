@@ -14,6 +14,9 @@ from typing import Any
 from qwenvl_train.tokens import IMG_PAD_ID
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# The module groups of `model/groups.py` (the registry matches names to them); here so
+# that configs naming a group validate without importing torch.
+GROUPS: tuple[str, ...] = ("vit", "adapter", "llm")
 POST_GROUPS = ("vit", "adapter")
 
 

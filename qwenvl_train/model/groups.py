@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-GROUPS: tuple[str, ...] = ("vit", "adapter", "llm")
+from qwenvl_train.model.config import GROUPS
+
 ADAPTER_POST_PREFIXES: tuple[str, ...] = ("adapter.ln_post.", "adapter.proj")
 _VIT_BLOCK = re.compile(r"^vit\.blocks\.(\d+)\.")
 # Parameters that are positions or learned queries: never weight-decayed.

@@ -1,6 +1,7 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
-`run(cfg)` is what `qwenvl-train` calls after the config passed validation.
+`run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
+`config.validate_launch`: the layout and the batch arithmetic).
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ from qwenvl_train.training.optim import (
     build_param_groups,
     build_scheduler,
 )
-from qwenvl_train.training.parallel.engine import (
-    DistInfo,
-    deepspeed_config,
-    grad_accumulation_steps,
-    init_distributed,
-)
+from qwenvl_train.training.parallel.engine import DistInfo, deepspeed_config, init_distributed
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 log = logging.getLogger("qwenvl_train")
@@ -143,13 +139,14 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
     return out
 
 
-def run(cfg: TrainConfig, resolved_config: dict) -> dict:
+def run(cfg: TrainConfig) -> dict:
     from qwenvl_train.data.loader import build_loader
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)
+    resolved_config = cfg.to_dict()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2))
@@ -159,7 +156,7 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     freeze(cfg, model)
     par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
     dp_size = par.sizes.dp
-    accum = grad_accumulation_steps(cfg, dp_size)
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
     param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
     optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
                        else {})  # measured before DeepSpeed flattens the groups
