@@ -122,13 +122,21 @@ class TrainConfig:
 
 
 def validate_launch(cfg: TrainConfig, world_size: int) -> int:
-    """The checks that need the world size, still before any process group starts; returns
-    the gradient accumulation steps."""
+    """The checks that need the launch (world size, data on disk), still before any process
+    group starts; returns the gradient accumulation steps."""
     # Imported here: topology imports ConfigError from this module.
     from qwenvl_train.training.parallel.topology import validate_parallel
 
     sizes = validate_parallel(cfg.parallel, world_size, cfg.model)
-    return cfg.stage.grad_accumulation_steps(sizes.dp)
+    accum = cfg.stage.grad_accumulation_steps(sizes.dp)
+    root = Path(cfg.data.root)
+    if not any(root.rglob("*.tar")):
+        raise ConfigError(
+            f"data.root: {str(root)!r} holds no shards (*.tar); build the demo set with "
+            f"`qwenvl-data demo --out {root}`, or convert your data with `qwenvl-data "
+            "convert` (data_recipes/README.md) and point data.root at it"
+        )
+    return accum
 
 
 def to_schema(cfg: DictConfig | dict) -> TrainConfig:

@@ -86,6 +86,16 @@ def test_stage_yamls_set_only_what_differs_from_the_optimizer_defaults():
     assert load_config(["stage.optim.grad_clip=0.5"]).stage.optim.grad_clip == 0.5
 
 
+def test_launch_check_names_the_demo_command_for_an_empty_data_root(tmp_path):
+    from qwenvl_train.config import validate_launch
+
+    cfg = load_config(["scale=demo", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"data.root: .*qwenvl-data demo --out {tmp_path}"):
+        validate_launch(cfg, world_size=1)
+    (tmp_path / "caption-00000.tar").touch()
+    assert validate_launch(cfg, world_size=2) == 1  # global 4 = micro 2 x 1 x dp 2
+
+
 # Runs the CLI and reports, at exit, which heavy libraries it imported.
 _PROBE = """import atexit, sys
 heavy = ("torch", "transformers", "deepspeed")
@@ -99,13 +109,14 @@ main()
     ("stage=bogus", 1, "stage/bogus"),                   # Hydra: no such option
     ("stage.optim.lr=abc", 1, "stage.optim.lr"),         # Hydra: the schema's type
     ("parallel.zero_stage=7", 2, "parallel.zero_stage"),  # ours: allowed values
+    ("data.root={empty}", 2, "qwenvl-data demo --out"),   # ours: the launch check
     ("--help", 0, "Configuration groups"),
 ])
 def test_rejecting_a_config_imports_neither_torch_nor_transformers(override, returncode,
                                                                     says, tmp_path):
     from conftest import REPO, _env
 
-    args = [override, f"run_dir={tmp_path}/run"]
+    args = [override.format(empty=tmp_path / "empty"), f"run_dir={tmp_path}/run"]
     proc = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == returncode, proc.stderr[-2000:]

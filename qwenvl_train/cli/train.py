@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m qwenvl_train.cli.train stage=multitask model=qwenvl_7b
 
 The composed config is validated (schema, allowed values, batch arithmetic, parallel
-layout) before any process group starts; up to there nothing imports torch.
+layout, data on disk) before any process group starts; up to there nothing imports torch.
 """
 
 from __future__ import annotations

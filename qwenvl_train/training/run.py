@@ -1,7 +1,7 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
 `run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
-`config.validate_launch`: the layout and the batch arithmetic).
+`config.validate_launch`: the layout, the batch arithmetic and the data on disk).
 """
 
 from __future__ import annotations
@@ -40,16 +40,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
-    """Build the offline demo shards once (rank 0) when the data config asks for it."""
-    root = Path(cfg.data.root)
-    # Rank 0 alone decides and builds; every rank waits at the barrier either way.
-    if dist_info.is_main and cfg.data.build_demo_if_missing and not any(root.glob("*.tar")):
-        from data_recipes.demo import build_demo
-
-        log.info("building the demo data set in %s", root)
-        build_demo(root)
-    dist.barrier()
+def warn_demo_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
     if dist_info.is_main and cfg.data.name == "demo" and cfg.model.name != "tiny":
         log.warning("model=%s is training on the CPU demo data set (data=demo); pass your "
                     "own data config, e.g. data=mixture_multitask", cfg.model.name)
@@ -150,7 +141,7 @@ def run(cfg: TrainConfig) -> dict:
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2))
-    ensure_data(cfg, dist_info)
+    warn_demo_data(cfg, dist_info)
 
     model = build_qwenvl(cfg)
     freeze(cfg, model)
