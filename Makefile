@@ -6,7 +6,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
-DEMO := model=tiny data=demo scale=demo
+DEMO_DATA ?= demo_data
+DEMO := model=tiny data=demo scale=demo data.root=$(DEMO_DATA)
 
 .PHONY: install demo test lint clean
 
@@ -19,7 +20,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
+$(DEMO_DATA)/.built: | install
+	$(VENV)/bin/qwenvl-data demo --out $(DEMO_DATA)
+	touch $@
+
+demo: install $(DEMO_DATA)/.built
 	$(VENV)/bin/qwenvl-train stage=pretrain $(DEMO) run_dir=$(DEMO_DIR)/pretrain
 	$(VENV)/bin/qwenvl-train stage=multitask $(DEMO) run_dir=$(DEMO_DIR)/multitask init_from=$(DEMO_DIR)/pretrain
 	$(VENV)/bin/qwenvl-train stage=sft $(DEMO) run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/multitask
@@ -32,4 +37,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs demo_data .pytest_cache
+	rm -rf runs $(DEMO_DATA) .pytest_cache

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from qwenvl_train.model import QwenVLConfig, build_model
+from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.model.groups import PARTS, part_of
+from qwenvl_train.model.qwenvl import build_model
 
 
 def test_qwenvl_7b_meta_counts():

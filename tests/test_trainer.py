@@ -18,6 +18,7 @@ from trainer_helpers import (
     metrics,
     overrides,
     split_by_group,
+    update_state,
 )
 
 from qwenvl_train.training.checkpoint import latest_tag
@@ -117,13 +118,24 @@ def test_layouts_match_single_process_and_chain_pp2_to_tp2(torchrun, run_cli, de
     assert all(equal_tensors(s1[g], s2[g]) for g in ("vit", "adapter", "llm"))  # all trained
 
 
+def _assert_step_skipped(run, step: int) -> None:
+    """Parameters, Adam's moments and its step count after `step` equal those before it."""
+    before, skipped = update_state(run, step - 1), update_state(run, step)
+    assert equal_tensors(before, skipped) == []
+    for kind in ("exp_avg", "exp_avg_sq", "step"):
+        assert any(k.endswith(f".{kind}") for k in skipped), kind
+
+
 def test_nan_loss_skips_the_step_on_all_ranks_or_stops(torchrun, demo_data, tmp_path):
     run = tmp_path / "skip"
-    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", steps=4)], nproc=2,
+    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", "checkpoint.every_steps=1",
+                                 "checkpoint.keep_last=4", steps=4)], nproc=2,
              env={"QWENVL_FAULT": "nan_loss:3"})
     rows = {m["step"]: m for m in metrics(run)}
     assert rows[3]["skipped_steps"] == 1 and rows[2]["skipped_steps"] == 0
     assert all(v == 0.0 for k, v in rows[3].items() if k.startswith("lr/"))
+    _assert_step_skipped(run, 3)
+    assert equal_tensors(update_state(run, 3), update_state(run, 4))  # step 4 updates again
     stop = tmp_path / "stop"
     failed = torchrun([*TRAIN, *overrides(stop, demo_data, "parallel=zero2", "nan_policy=stop",
                                           steps=4)], nproc=2, env={"QWENVL_FAULT": "nan_loss:3"},
@@ -172,15 +184,21 @@ def test_stages_chain_1_to_2_to_3_on_demo_data(run_cli, demo_data, tmp_path):
     trainable = {"pretrain": 183_424, "multitask": 19_732_288, "sft": 19_573_952}
     for stage, run in runs.items():
         extra = [f"init_from={previous}"] if previous else []
+        env = {}
+        if stage == "sft":  # single process, ZeRO-0: a NaN loss in step 2 skips its update
+            extra.append("checkpoint.every_steps=1")
+            env["QWENVL_FAULT"] = "nan_loss:2"
         results = tmp_path / f"{stage}_results"
         results.mkdir()
         proc = run_cli(TRAIN[1], overrides(run, demo_data, *extra, steps=2, stage=stage),
-                       env={"QWENVL_RESULTS_DIR": str(results)})
+                       env={"QWENVL_RESULTS_DIR": str(results), **env})
         assert proc.returncode == 0, proc.stderr[-4000:]
         rank0 = json.loads((results / "rank0.json").read_text())
         assert rank0["optimizer_equals_trainable"] and rank0["frozen_in_optimizer"] == 0
         assert rank0["optimizer_numel"] == rank0["trainable_numel"] == trainable[stage]
         previous = run
+    assert [m["skipped_steps"] for m in metrics(runs["sft"])] == [0, 1]
+    _assert_step_skipped(runs["sft"], 2)
     s1, s2, s3 = (split_by_group(export_state(runs[s])) for s in runs)
     init = split_by_group(initial_state())
     assert equal_tensors(init["llm"], s1["llm"]) == []          # stage 1: LLM frozen

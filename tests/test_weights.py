@@ -28,9 +28,15 @@ from model_helpers import (
 from safetensors.torch import save_file
 from transformers import Qwen2ForCausalLM
 
-from qwenvl_train.model import WeightsConfig, build_model, export_consolidated, load_consolidated
-from qwenvl_train.model.qwenvl import qwen2_config
-from qwenvl_train.model.weights import load_init_weights, load_llm, load_qwenvl
+from qwenvl_train.model.config import WeightsConfig
+from qwenvl_train.model.qwenvl import build_model, qwen2_config
+from qwenvl_train.model.weights import (
+    export_consolidated,
+    load_consolidated,
+    load_init_weights,
+    load_llm,
+    load_qwenvl,
+)
 
 
 def _report(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:

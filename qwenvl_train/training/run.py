@@ -1,6 +1,7 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
-`run(cfg)` is what `qwenvl-train` calls after the config passed validation.
+`run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
+`config.validate_launch`: the layout, the batch arithmetic and the data on disk).
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ from qwenvl_train.training.optim import (
     build_param_groups,
     build_scheduler,
 )
-from qwenvl_train.training.parallel.engine import (
-    DistInfo,
-    deepspeed_config,
-    grad_accumulation_steps,
-    init_distributed,
-)
+from qwenvl_train.training.parallel.engine import DistInfo, deepspeed_config, init_distributed
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 log = logging.getLogger("qwenvl_train")
@@ -44,16 +40,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
-    """Build the offline demo shards once (rank 0) when the data config asks for it."""
-    root = Path(cfg.data.root)
-    # Rank 0 alone decides and builds; every rank waits at the barrier either way.
-    if dist_info.is_main and cfg.data.build_demo_if_missing and not any(root.glob("*.tar")):
-        from data_recipes.demo import build_demo
-
-        log.info("building the demo data set in %s", root)
-        build_demo(root)
-    dist.barrier()
+def warn_demo_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
     if dist_info.is_main and cfg.data.name == "demo" and cfg.model.name != "tiny":
         log.warning("model=%s is training on the CPU demo data set (data=demo); pass your "
                     "own data config, e.g. data=mixture_multitask", cfg.model.name)
@@ -143,23 +130,24 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
     return out
 
 
-def run(cfg: TrainConfig, resolved_config: dict) -> dict:
+def run(cfg: TrainConfig) -> dict:
     from qwenvl_train.data.loader import build_loader
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)
+    resolved_config = cfg.to_dict()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2))
-    ensure_data(cfg, dist_info)
+    warn_demo_data(cfg, dist_info)
 
     model = build_qwenvl(cfg)
     freeze(cfg, model)
     par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
     dp_size = par.sizes.dp
-    accum = grad_accumulation_steps(cfg, dp_size)
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
     param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
     optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
                        else {})  # measured before DeepSpeed flattens the groups

@@ -86,7 +86,7 @@ def main() -> None:
     trainer = Trainer(cfg, info, engine, par, loader, it, NullTracker(), NullMeter(),
                       1, dummy_batch(cfg), TrainState())
     trainer.metrics_path = os.devnull
-    step_losses = [trainer._optimizer_step(it)["loss"] for _ in range(2)]
+    step_losses = [trainer._optimizer_step(it).loss for _ in range(2)]
     out = {"steps": len(step_losses), "losses": step_losses, "num_images": batch["num_images"]}
     with open(os.path.join(os.environ["QWENVL_RESULTS_DIR"], f"rank{info.rank}.json"), "w") as f:
         json.dump(out, f)
