@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
+from qwenvl_train.training.callbacks import load_callbacks
 
 
 def validate_launch(cfg: TrainConfig) -> None:
@@ -38,12 +39,13 @@ def _app(raw: DictConfig) -> None:
     try:
         cfg = to_schema(raw)
         validate_launch(cfg)
+        callbacks = load_callbacks(cfg.callbacks)
     except ConfigError as e:
         print(f"qwenvl-train: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
     from qwenvl_train.training.run import run
 
-    run(cfg, OmegaConf.to_container(raw, resolve=True))
+    run(cfg, OmegaConf.to_container(raw, resolve=True), callbacks)
 
 
 def main() -> None:
