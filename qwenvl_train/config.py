@@ -51,6 +51,8 @@ class TrainConfig:
     nan_policy: str = "skip"
     max_consecutive_nan: int = 5
     export_at_end: bool = True
+    # Trainer callbacks to install: "pkg.module.Name" or {_target_: ..., kwargs} (callbacks.py)
+    callbacks: list[Any] = field(default_factory=list)
 
     def validate(self) -> None:
         self.stage.validate("stage")

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from qwenvl_train.training.faults import kill_if_armed
 
 LATEST = "latest"
 
@@ -62,13 +61,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int) -> Path:
-    """Save on every rank; move `latest` only after every rank finished writing."""
+         keep_last: int, on_written: Callable[[Path], None] | None = None) -> Path:
+    """Save on every rank; move `latest` only after every rank finished writing.
+    `on_written(path)` runs once this rank's files are in `path`, before `latest` moves."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    kill_if_armed(f"kill_in_save:{step}")
     torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
+    if on_written is not None:
+        on_written(root / tag)
     dist.barrier()
     if rank == 0:
         tmp = root / f".{LATEST}.tmp"
