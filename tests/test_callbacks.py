@@ -48,9 +48,9 @@ def test_a_bad_entry_is_refused_naming_it(entry, message):
     assert message in str(err.value)
 
 
-def test_cli_refuses_an_unimportable_callback_before_starting(run_cli, tmp_path):
+def test_cli_refuses_an_unimportable_callback_before_starting(run_cli, tmp_path, demo_data):
     proc = run_cli("qwenvl_train.cli.train", ["callbacks=[no_such_package.Hook]",
-                                              f"run_dir={tmp_path}/run"])
+                                              f"data.root={demo_data}", f"run_dir={tmp_path}/run"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "callbacks[0]: cannot import 'no_such_package'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
