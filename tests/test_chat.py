@@ -315,6 +315,20 @@ def test_cli_user_errors_stop_before_loading(export, images, tmp_path, monkeypat
     assert err.startswith("qwenvl-chat: ") and message in err and "Traceback" not in err
 
 
+def test_console_session(model, images, tmp_path, monkeypatch, capsys):
+    text = f"<ref>the red square</ref><box>{box_text(TRUE_BOX, SIZE_B)}</box>"
+    lines = iter([f"<img>{images / 'b.png'}</img>Where is the red square?", "/clear", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    s = _session(model, tmp_path, logits_processor=forced(text),
+                 options=GenerationOptions(max_new_tokens=40))
+    assert chat_cli.interactive(s, stream=True) == 0
+    out = capsys.readouterr().out
+    assert f"assistant> {text}\n" in out  # streamed, then the boxes in pixels of image b
+    assert "  [the red square] (40.2,56.1)-(200.2,252.1) px\n" in out
+    assert f"  boxes drawn on {images / 'b.png'}: {tmp_path / 'boxes'}" in out
+    assert "(new conversation)" in out and s.conv.turns == []
+
+
 def test_cli_refuses_a_directory_without_an_export(tmp_path, capsys):
     assert chat_cli.main([str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err

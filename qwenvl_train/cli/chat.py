@@ -3,7 +3,11 @@
     qwenvl-chat runs/demo/sft/export
     user> <img>photos/cat.jpg</img>Where is the cat?
     assistant> <ref>the cat</ref><box>(112,80),(870,940)</box>
-      [the cat] (72.0,38.6)-(557.1,451.4) px  ->  qwenvl-chat-boxes/turn001.png
+      [the cat] (72.0,38.6)-(557.1,451.4) px
+      boxes drawn on photos/cat.jpg: qwenvl-chat-boxes/20260101-120000-001.png
+
+(the answer of a model that has learnt grounding; the box is printed in pixels of the
+640x480 photo).
 
 Images: `<img>PATH</img>` anywhere in a message, several per message (Picture 1, 2, ... in
 chat mode). `<ref> </ref> <box> </box> <quad> </quad>` typed in a message are the model's
@@ -66,20 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_boxes(answer: Answer, out=sys.stdout) -> None:
+def _print_boxes(answer: Answer) -> None:
     for g in answer.grounding:
         label = g["ref"] or "-"
         shapes = g.get("boxes") or ([g["quad"]] if "quad" in g else None)
         if shapes is None:  # no image in the dialogue: [0, 1000) units only
             shapes = g.get("boxes_1000") or [g.get("quad_1000")]
-            print(f"  [{label}] {shapes} (of 1000; no image to map to)", file=out)
+            print(f"  [{label}] {shapes} (of 1000; no image to map to)")
             continue
         for s in shapes:
             pts = ([(s[0], s[1]), (s[2], s[3])] if "boxes" in g else s)
             text = "-".join(f"({x:.1f},{y:.1f})" for x, y in pts)
-            print(f"  [{label}] {text} px", file=out)
+            print(f"  [{label}] {text} px")
     if answer.box_image:
-        print(f"  boxes drawn on {answer.image}: {answer.box_image}", file=out)
+        print(f"  boxes drawn on {answer.image}: {answer.box_image}")
 
 
 class _Printer:
