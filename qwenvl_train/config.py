@@ -7,6 +7,7 @@ Each component's dataclass lives beside the code it configures (torch-free):
   data                            data/config.py       (DataConfig)
   tracking                        training/observe/config.py (TrackingConfig)
   parallel                        training/parallel/config.py (ParallelConfig)
+  eval                            eval/config.py       (EvalConfig)
 Hydra composes `configs/train.yaml` onto `TrainConfig` (registered as `train_schema`, the
 first entry of its defaults), so a YAML lists only what differs from the defaults, every
 key can be overridden, and an unknown key or a value of the wrong type fails naming it;
@@ -27,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qwenvl_train.checks import ConfigError, choice, positive
 from qwenvl_train.data.config import DataConfig
+from qwenvl_train.eval.config import EvalConfig
 from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.training.config import CheckpointConfig, StageConfig
 from qwenvl_train.training.observe.config import TrackingConfig
@@ -43,6 +45,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/pretrain"
     seed: int = 1234
     init_from: str | None = None
@@ -61,6 +64,7 @@ class TrainConfig:
         self.parallel.validate("parallel", self.model)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
+        self.eval.validate("eval")
         choice("resume", self.resume, ("auto", "never"))
         choice("nan_policy", self.nan_policy, ("skip", "stop"))
         positive("log_every", self.log_every)
@@ -97,6 +101,7 @@ def validate_launch(cfg: TrainConfig, world_size: int) -> int:
             f"`qwenvl-data demo --out {root}`, or convert your data with `qwenvl-data "
             "convert` (data_recipes/README.md) and point data.root at it"
         )
+    cfg.eval.check_shards(cfg.data.root)
     return accum
 
 
