@@ -43,7 +43,9 @@ def _app(raw: DictConfig) -> None:
         sys.exit(2)
     from qwenvl_train.training.run import run
 
-    run(cfg, OmegaConf.to_container(raw, resolve=True))
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    resolved["model"] = cfg.model.to_dict()  # the sizes as built (model.sizes=from_weights)
+    run(cfg, resolved)
 
 
 def main() -> None:
