@@ -16,10 +16,13 @@ _HOME = {
     "QwenVLConfig": "config",
     "VisionConfig": "config",
     "WeightsConfig": "config",
+    "ExportConfig": "config",
     "QwenVL": "qwenvl",
     "QwenVLOutput": "qwenvl",
     "build_model": "qwenvl",
     "export_consolidated": "weights",
+    "export_model": "export",
+    "load_for_inference": "export",
     "load_consolidated": "weights",
     "load_init_weights": "weights",
 }
