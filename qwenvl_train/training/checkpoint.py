@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qwenvl_train.model.source_config import resolve_init_from  # noqa: F401 (torch-free home)
+
 LATEST = "latest"
 
 
@@ -104,15 +106,3 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     state = torch.load(path, weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
-
-
-def resolve_init_from(path: str | Path) -> Path:
-    """The consolidated export a stage starts from: an export dir, or a run dir's export."""
-    path = Path(path)
-    for candidate in (path, path / "export"):
-        if (candidate / "model.safetensors").exists():
-            return candidate
-    raise FileNotFoundError(
-        f"init_from={path}: no model.safetensors in it or in {path / 'export'}; point it at "
-        "a finished stage's run_dir (exports at the end) or an export directory"
-    )

@@ -20,6 +20,11 @@ import torch.distributed as dist
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
+from qwenvl_train.model.source_config import (
+    frozen_random_parts,
+    frozen_random_warning,
+    resolve_init_from,
+)
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
@@ -63,7 +68,7 @@ def build_qwenvl(cfg: TrainConfig):
     with context:
         model = build_model(cfg.model, image_size=cfg.stage.image_size)
     if cfg.init_from:
-        source = ckpt.resolve_init_from(cfg.init_from)
+        source = resolve_init_from(cfg.init_from)
         log.info("initialising weights from %s", source)
         load_consolidated(model, source)
     else:
@@ -128,19 +133,20 @@ def build_engine(cfg: TrainConfig, par):
     return par.initialize(optimizer, scheduler, deepspeed_config(cfg, par.sizes.dp))
 
 
-def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
-    """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
-    from qwenvl_train.model.qwenvl import build_model
-    from qwenvl_train.model.weights import export_consolidated
+def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
+    """Full weights of any layout -> run_dir/export in `export.formats` (model/export.py);
+    returns where each format went (on rank 0; empty elsewhere)."""
+    from qwenvl_train.model.export import export_model
 
     state = par.full_state_dict()  # collective; full tensors on rank 0
-    out = Path(cfg.run_dir) / "export"
+    # LoRA: merge the adapters into `state` here, before any format is written.
+    paths: dict[str, Path] = {}
     if dist_info.is_main:
-        with torch.device("meta"):  # names and the LLM config only; no memory
-            skeleton = build_model(cfg.model, image_size=cfg.stage.image_size)
-        export_consolidated(skeleton, cfg.model, out, state_dict=state)
+        paths = export_model(state, cfg.model, Path(cfg.run_dir) / "export", cfg.export.formats,
+                             chat=cfg.stage.template == "sft", image_size=cfg.stage.image_size,
+                             seq_length=cfg.stage.seq_len, max_shard_gb=cfg.export.max_shard_gb)
     dist.barrier()
-    return out
+    return paths
 
 
 def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
@@ -161,6 +167,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
 
     model = build_qwenvl(cfg)
     freeze(cfg, model)
+    random_frozen = frozen_random_parts(cfg.model, cfg.stage.trainable, cfg.init_from)
+    if random_frozen and dist_info.is_main:
+        log.warning("WARNING: %s", frozen_random_warning(random_frozen))
     par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
     dp_size = par.sizes.dp
     accum = cfg.stage.grad_accumulation_steps(dp_size)
@@ -196,8 +205,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
                       dummy_batch(cfg), state, callbacks)
     try:
         last = trainer.fit()
+        exported = {}
         if cfg.export_at_end and state.step >= cfg.stage.steps:
-            export(cfg, par, dist_info)
+            exported = export(cfg, par, dist_info)
     finally:
         tracker.close()
         if source is not None:
@@ -205,9 +215,15 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             # would wait on them).
             source.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
-                                      if isinstance(v, (int, float, bool))}}
+                                      if isinstance(v, (int, float, bool))},
+               "exports": {k: str(v) for k, v in exported.items()},
+               "random_frozen_parts": random_frozen}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for fmt, path in exported.items():
+            log.info("export %-12s -> %s", fmt, path)
+        if random_frozen:
+            log.warning("WARNING (run summary): %s", frozen_random_warning(random_frozen))
     trainer.callbacks.on_run_end(trainer, summary)
     return summary
 
