@@ -39,12 +39,13 @@ workers are relabelled so that physical worker 0 continues that stream.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import ALL_SHARDS, DataConfig, SourceConfig
-from .reader import expand_shards
+from .config import DataConfig
+from .reader import expand_sources
 from .shards import read_manifests
 from .stream import DataError, LoaderSpec, Stream, new_stats
 from .templates import ACCEPTS
@@ -156,19 +157,18 @@ class TrainLoader:
 
 
 def resolve_sources(cfg: DataConfig, template: str) -> list[tuple[str, list[str], float]]:
-    """Step 1: expand patterns; drop shards (and sources) the template cannot use."""
-    manifests = read_manifests(cfg.root) if cfg.use_manifests else {}
+    """Step 1: expand patterns (a source that matches nothing is an error naming it, as
+    the launch check `config.validate_launch` reports it); drop shards (and sources) the
+    template cannot use."""
+    sources = expand_sources(cfg)
+    folders = {os.path.dirname(s) for _, shards, _ in sources for s in shards}
+    manifests = read_manifests(cfg.root, folders) if cfg.use_manifests else {}
     out = []
-    sources = cfg.sources or {"all": SourceConfig(ALL_SHARDS, 1.0)}
-    for name, src in sources.items():
-        shards = expand_shards(cfg.root, src.shards)
-        if not shards:
-            raise ValueError(f"data.sources.{name}.shards: {src.shards!r} matches no .tar "
-                             f"under data.root={cfg.root!r}")
+    for name, shards, weight in sources:
         usable = [s for s in shards if s not in manifests
                   or set(manifests[s].get("tasks", {})) & ACCEPTS[template]]
         if usable:
-            out.append((name, usable, float(src.weight)))
+            out.append((name, usable, weight))
         else:
             log.info("data: source %s has no %s-template tasks; not used", name, template)
     if not out:
