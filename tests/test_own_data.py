@@ -108,3 +108,21 @@ def test_a_data_config_file_of_your_own_via_config_dir(probe_cli, tmp_path):
         "  data.sources.my_dialogues.shards: 'chat/mine/{000..099}.tar'\n"
         "Fix the path, drop a source you do not have (~data.sources.NAME), or train on just "
         "your shards: data=shards data.shards='[/path/a/*.tar,/path/b/*.tar:0.5]'\n")
+
+
+def test_config_loader_workers_are_capped_at_the_cpus_of_the_process(tmp_path, monkeypatch,
+                                                                      caplog):
+    import os
+
+    write_task_shards(tmp_path, ("caption",), per_task=4, per_shard=2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    data = load_config(["data=shards", f"data.root={tmp_path}", "data.shards=[caption-*.tar]",
+                        "data.num_workers=8"]).data
+    kwargs = dict(template="pretrain", image_size=28, seq_len=512, pack=False,
+                  num_image_tokens=4, dp_rank=0, dp_size=1, micro_batch_size=1, seed=0)
+    with caplog.at_level("INFO", logger="qwenvl_train.data"):
+        capped = build_loader(data, get_tokenizer(), **kwargs)
+    assert capped.spec.num_workers == 2
+    assert "8 loader workers asked for (data.num_workers), 2 CPU(s) available" in caplog.text
+    explicit = build_loader(data, get_tokenizer(), num_workers=3, **kwargs)  # as given
+    assert explicit.spec.num_workers == 3
