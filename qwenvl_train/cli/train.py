@@ -11,8 +11,8 @@ that does not exist -- is one line naming the key and what is allowed, exit stat
 Plain overrides are composed with Hydra's compose API, not run as a Hydra app: its runner
 would report a bad override with its own text and exit status 1, and make a timestamped
 output folder per process holding a log file that stays empty (we log to the console and
-to run_dir/train.log). Hydra's flags (`--help`, `--cfg job`, `--info`, `-m`) still go to
-its app.
+to run_dir/train.log). `--help` is ours; Hydra's other flags (`--cfg job`, `--info`, `-m`,
+`--hydra-help`) still go to its app.
 
 Ctrl-C stops at the next step boundary with a checkpoint (a second Ctrl-C aborts at once);
 both exit with status 130 and say how to resume.
@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_train.config import (
     CONFIG_DIR,
@@ -112,29 +112,58 @@ def _hydra_app() -> None:
     app()
 
 
-def _config_dirs_as_overrides(args: list[str]) -> list[str]:
-    """`--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`): a folder of your own config
-    groups (e.g. DIR/data/mine.yaml -> `data=mine`), searched after ours, as Hydra's flag
-    does; returned as the equivalent `hydra.searchpath` override."""
+def _split_config_dirs(args: list[str]) -> tuple[list[str], list[Path]]:
+    """Take out `--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`): folders of your own
+    config groups (DIR/data/mine.yaml -> `data=mine`), searched after ours as with Hydra's
+    flag; the rest of `args` comes back with the equivalent `hydra.searchpath` override."""
     out, dirs, rest = [], [], iter(args)
     for arg in rest:
         if arg in ("--config-dir", "-cd"):
-            dirs.append(next(rest, ""))
+            dirs.append(Path(next(rest, "")).resolve())
         elif arg.startswith("--config-dir="):
-            dirs.append(arg.partition("=")[2])
+            dirs.append(Path(arg.partition("=")[2]).resolve())
         else:
             out.append(arg)
     if dirs:
-        paths = ",".join(f"file://{Path(d).resolve()}" for d in dirs)
-        out.insert(0, f"hydra.searchpath=[{paths}]")
-    return out
+        out.insert(0, f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
+    return out, dirs
+
+
+USAGE = """usage: qwenvl-train [--config-dir DIR] [key=value ...]
+
+Train one stage of a Qwen-VL-style model, e.g.
+  qwenvl-train stage=pretrain model=tiny data=demo scale=demo
+  torchrun --nproc_per_node=8 -m qwenvl_train.cli.train stage=multitask model=qwenvl_7b ...
+"""
+USAGE_END = """
+Every key can be set with key=value (stage.steps=100, run_dir=runs/x, ...); print them all
+with `qwenvl-train --cfg job [key=value ...]`. --config-dir DIR adds config groups of your
+own (DIR/data/mine.yaml -> data=mine). Rerunning with the same run_dir resumes; Ctrl-C saves
+a checkpoint and stops. Hydra's own flags: --hydra-help."""
+
+
+def _help(config_dirs: list[Path]) -> str:
+    """Usage and every config group's options (ours and the --config-dir folders'). Ours,
+    not Hydra's: Hydra's help also lists its own groups and takes ~1.5 CPU s."""
+    defaults = {k: v for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
+                if isinstance(entry, DictConfig) for k, v in entry.items()}
+    lines = [USAGE, "Configuration groups (group=option):"]
+    for group in sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()):
+        options = sorted({f.stem for d in (CONFIG_DIR, *config_dirs)
+                          for f in (d / group).glob("*.yaml")})
+        marked = [f"{o} (default)" if o == defaults.get(group) else o for o in options]
+        lines.append(f"  {group}: {', '.join(marked)}")
+    return "\n".join(lines) + "\n" + USAGE_END
 
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    overrides = _config_dirs_as_overrides(sys.argv[1:])
+    overrides, config_dirs = _split_config_dirs(sys.argv[1:])
+    if any(arg in ("--help", "-h") for arg in overrides):
+        print(_help(config_dirs))
+        return
     if any(arg.startswith("-") for arg in overrides):
-        _hydra_app()  # --help, --cfg, --info, --multirun, ...
+        _hydra_app()  # --cfg, --info, --multirun, --hydra-help, ...
     else:
         _launch(*_checked(None, overrides))
 
