@@ -51,17 +51,18 @@ def test_inspect_skips_images_larger_than_max_image_pixels(tmp_path, capsys):
     assert '=== {"image_too_large": 2}' in out
 
 
-def test_inspect_and_draw_skip_an_image_that_does_not_decode(tmp_path, capsys):
-    """A truncated JPEG opens (its header is whole) but does not decode: the sample is
-    skipped as the loader skips it (`bad_image`), with or without --draw."""
+def test_draw_skips_an_image_that_does_not_decode(tmp_path, capsys):
+    """A truncated JPEG opens (its header is whole) but does not decode: --draw skips the
+    sample as the loader skips it (`bad_image`) instead of crashing, and draws the rest."""
     cut = image_bytes()[:1000]  # header whole, coded data cut
     write_raw_tar(tmp_path / "s.tar", [("cut.json", jrec(record("caption"))), ("cut.0.jpg", cut),
                                        ("ok.json", jrec(record("caption"))),
                                        ("ok.0.jpg", image_bytes())])
-    for draw in ([], ["--draw", str(tmp_path / "drawn")]):
-        code, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain", *draw],
-                         capsys)
-        assert code == 0
-        assert "SKIPPED bad_image: decode failed: image file is truncated" in out
-        assert '=== {"bad_image": 1, "ok": 1}' in out
+    code, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain", "--draw",
+                      str(tmp_path / "drawn")], capsys)
+    assert code == 0
+    assert "SKIPPED bad_image: decode failed: image file is truncated" in out
+    assert '=== {"bad_image": 1, "ok": 1}' in out
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["ok.png"]
+    _, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain"], capsys)
+    assert '=== {"ok": 2}' in out  # without --draw no image is decoded

@@ -1,8 +1,10 @@
 """`qwenvl-data inspect SHARD --stage ...`: print samples exactly as the model sees them.
 
 Loss-bearing tokens are wrapped in ⟦ ⟧; a run of image slots prints as `<imgpad>x256`.
-A sample the training loader would skip (unreadable JSON, an image that does not decode,
-...) prints as `SKIPPED <reason>` and is counted by reason.
+A sample the training loader would skip (unreadable JSON, a missing image, ...) prints as
+`SKIPPED <reason>` and is counted by reason. Images are decoded only to draw them
+(`--draw`): then an image that does not decode skips its sample as `bad_image`, as in
+training.
 """
 
 from __future__ import annotations
@@ -90,9 +92,9 @@ def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len:
                 continue
             try:
                 tokens = encode_tokens(sample, stage, tok, num_image_tokens, seq_len)
-                # The loader's decode step: an image that does not decode skips the sample.
-                decode_images(sample, tokens.image_order, IMAGE_SIZE[stage],
-                              max_pixels=max_image_pixels)
+                if draw_dir:  # the loader's decode step: an undecodable image skips the sample
+                    decode_images(sample, tokens.image_order, IMAGE_SIZE[stage],
+                                  max_pixels=max_image_pixels)
             except SampleError as e:
                 out(f"   SKIPPED {e.reason}: {e.msg}")
                 counts[e.reason] = counts.get(e.reason, 0) + 1
@@ -144,5 +146,6 @@ def register(subparsers) -> None:
                    help="skip images declared larger, as data.max_image_pixels does "
                         f"(default {MAX_IMAGE_PIXELS})")
     p.add_argument("--draw", metavar="DIR", default=None,
-                   help="also draw each sample's images with its boxes into DIR")
+                   help="also draw each sample's images with its boxes into DIR (decodes "
+                        "them: a sample whose image does not decode is skipped as bad_image)")
     p.set_defaults(func=_handler)
