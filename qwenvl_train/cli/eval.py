@@ -14,9 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from qwenvl_train.eval.run_eval import EVAL_TASKS, evaluate, load_export
+from qwenvl_train.eval.tasks import EVAL_TASKS, MAX_NEW_TOKENS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=448, help="input resolution (stage 2/3: 448)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default per task: caption 30, vqa 10, grounding 28")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default per task: " +
+                   ", ".join(f"{task} {n}" for task, n in MAX_NEW_TOKENS.items()))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--predictions", metavar="JSONL", default=None,
@@ -40,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported after parsing: `--help` and a bad option answer without loading torch.
+    import torch
+
+    from qwenvl_train.eval.run_eval import evaluate, load_export
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_export(args.export, args.image_size, device, getattr(torch, args.dtype))
     result = evaluate(model, args.shards, args.task, root=args.root, limit=args.limit,

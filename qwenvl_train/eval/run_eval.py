@@ -30,13 +30,7 @@ from qwenvl_train.data.templates import PROMPTS, ImageSlot, Piece, Special
 from qwenvl_train.eval import metrics
 from qwenvl_train.eval.generate import generate, stop_ids
 from qwenvl_train.eval.parse import box_to_pixels, parse_boxes
-
-EVAL_TASKS = ("caption", "vqa", "grounding")
-# Record tasks each eval task reads.
-_RECORD_TASKS = {"caption": {"caption"}, "vqa": {"vqa"},
-                 "grounding": {"grounding", "ref_grounding"}}
-# Generation budgets of the official evaluation scripts.
-MAX_NEW_TOKENS = {"caption": 30, "vqa": 10, "grounding": 28}
+from qwenvl_train.eval.tasks import EVAL_TASKS, MAX_NEW_TOKENS, RECORD_TASKS
 
 
 @dataclass
@@ -103,7 +97,7 @@ def iter_items(shards: Sequence[str], task: str, counts: dict[str, int], *,
             for entry in index.entries:
                 try:
                     record = read_record(entry, f, max_image_pixels=max_image_pixels,
-                                         tasks=_RECORD_TASKS[task])
+                                         tasks=RECORD_TASKS[task])
                     if record is not None:
                         yield from _items_of(task, record)
                 except (SampleError, ValueError, KeyError) as e:

@@ -1,7 +1,7 @@
 """Model configuration: one small dataclass per component, mirroring `configs/model/*.yaml`.
 
 Every class is an OmegaConf structured schema (plain types, Optional, nested dataclasses,
-a default on every field). Defaults are the released Qwen-VL 9.6B (RECIPE.md).
+a default on every field). Defaults are the released Qwen-VL 9.6B (docs/recipe.md).
 """
 
 from __future__ import annotations

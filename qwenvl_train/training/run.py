@@ -178,12 +178,12 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
 
     loader = None
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
+        # data.num_workers workers, at most one per CPU of this process
         loader = build_loader(
             cfg.data, get_tokenizer(), template=cfg.stage.template,
             image_size=cfg.stage.image_size, seq_len=cfg.stage.seq_len, pack=cfg.stage.pack,
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
         )
     state, meter_state = TrainState(), {}
     tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
@@ -211,9 +211,10 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     finally:
         tracker.close()
         if source is not None:
-            # Stop the data workers now (they ignore SIGTERM, so an exit-time terminate
-            # would wait on them).
+            # Stop the data workers now (they ignore SIGTERM and SIGINT, so an exit-time
+            # terminate would wait on them).
             source.close()
+        trainer.preempt.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
                                       if isinstance(v, (int, float, bool))},
                "exports": {k: str(v) for k, v in exported.items()},
