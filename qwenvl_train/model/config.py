@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenvl_train.model.groups import ADAPTER, VIT
+from qwenvl_train.model.lora_config import LoRAConfig
 from qwenvl_train.tokens import IMG_PAD_ID
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -132,6 +133,7 @@ class QwenVLConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: GradCkptConfig = field(default_factory=GradCkptConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # applied after the weights load
 
     def validate(self, prefix: str = "model") -> None:
         self.vision.validate(f"{prefix}.vision")
@@ -139,6 +141,7 @@ class QwenVLConfig:
         self.llm.validate(f"{prefix}.llm")
         self.gradient_checkpointing.validate(f"{prefix}.gradient_checkpointing")
         self.weights.validate(f"{prefix}.weights")
+        self.lora.validate(f"{prefix}.lora")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise _err(prefix, "attn_implementation",
                        f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
