@@ -68,6 +68,10 @@ def build_qwenvl(cfg: TrainConfig):
         load_consolidated(model, source)
     else:
         load_init_weights(model, cfg.model.weights)
+    if cfg.model.lora.enabled:  # LoRA: on top of the loaded base weights (model/lora.py)
+        from qwenvl_train.model.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora, seed=cfg.seed)
     return model
 
 
@@ -79,7 +83,8 @@ def _zero3_init_config(cfg: TrainConfig) -> dict:
 def freeze(cfg: TrainConfig, model) -> None:
     """requires_grad from the stage's trainable groups; log counts; refuse empty groups."""
     post = cfg.model.adapter.post_group
-    groups.set_trainable(model, cfg.stage.trainable, post)
+    # LoRA targets train only their LoRA matrices (model/lora_config.py states the rule).
+    groups.set_trainable(model, cfg.stage.trainable, post, lora_parts=cfg.model.lora.parts)
     counts = groups.check_trainable_groups(model, cfg.stage.trainable, post)
     _, infos = param_groups_of(cfg, model)
     for name, c in counts.items():
@@ -130,15 +135,18 @@ def build_engine(cfg: TrainConfig, par):
 
 def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
     """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
+    from qwenvl_train.model.lora import merged_export
     from qwenvl_train.model.qwenvl import build_model
     from qwenvl_train.model.weights import export_consolidated
 
     state = par.full_state_dict()  # collective; full tensors on rank 0
     out = Path(cfg.run_dir) / "export"
     if dist_info.is_main:
+        # LoRA: adapters merged into the base weights; the export is the plain model.
+        state, model_cfg = merged_export(state, cfg.model)
         with torch.device("meta"):  # names and the LLM config only; no memory
-            skeleton = build_model(cfg.model, image_size=cfg.stage.image_size)
-        export_consolidated(skeleton, cfg.model, out, state_dict=state)
+            skeleton = build_model(model_cfg, image_size=cfg.stage.image_size)
+        export_consolidated(skeleton, model_cfg, out, state_dict=state)
     dist.barrier()
     return out
 
