@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from model_helpers import released_ckpt, sample_ids, tiny_config
 from safetensors.torch import save_file
-from trainer_helpers import TRAIN, export_state, metrics, overrides
+from trainer_helpers import TRAIN, callbacks, export_state, metrics, overrides, plugin
 
 from qwenvl_train.config import ConfigError, load_config
 from qwenvl_train.model import groups as G
@@ -257,6 +257,8 @@ def test_lora_zero3_two_ranks_trains_resumes_and_exports_merged(torchrun, demo_d
     """Stage 3 from a released-layout checkpoint (model.weights.qwenvl) with LoRA on the LLM:
     the adapter trains fully, the LLM only through LoRA; the checkpoint holds just those;
     a kill + rerun repeats the pre-kill losses bitwise; the export is the merged plain model."""
+    from conftest import launch_torchrun
+
     model_cfg = load_config(["model=tiny"]).model
     released = tmp_path / "released"
     released.mkdir()
@@ -266,7 +268,8 @@ def test_lora_zero3_two_ranks_trains_resumes_and_exports_merged(torchrun, demo_d
     args = [*TRAIN, *overrides(run, demo_data, "parallel=zero3", "model.lora.enabled=true",
                                f"model.weights.qwenvl={released}", "stage.image_size=224",
                                steps=4, stage="sft")]
-    killed = torchrun(args, nproc=2, env={"QWENVL_FAULT": "kill_after_step:4"}, check=False)
+    kill = callbacks(plugin("faults.KillAfterStep", step=4))
+    killed = torchrun([*args, kill], nproc=2, check=False)
     assert killed.returncode != 0 and latest_tag(run) == "step_0000002"
     before_kill = {m["step"]: m["loss"] for m in metrics(run)}
 
@@ -290,7 +293,9 @@ def test_lora_zero3_two_ranks_trains_resumes_and_exports_merged(torchrun, demo_d
     # full fine-tuning checkpoint of this stage is 235 MB)
     assert size < 12 * trained + 300_000
 
-    resumed = torchrun(args, nproc=2)
+    results = tmp_path / "results"
+    resumed = launch_torchrun(
+        [*args, callbacks(plugin("results.RankResults", out=str(results)))], 2, results=results)
     rows = metrics(run)
     after = {m["step"]: m["loss"] for m in rows[len(before_kill):]}
     assert sorted(after) == [3, 4] and {s: before_kill[s] for s in (3, 4)} == after

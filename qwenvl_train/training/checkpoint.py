@@ -3,10 +3,10 @@
 Layout of `run_dir/checkpoints/`:
   step_000100/            DeepSpeed's model + optimizer (+ scheduler) files for every rank,
                           and `trainer_rank{r}.pt` (step, loader position, RNG) per rank
-Only trainable tensors are saved (LoRA: the adapters and the fully trained groups); frozen
-ones come from the model build on resume (`init_from` / `model.weights` / the seed).
   latest                  the tag of the newest COMPLETE checkpoint; moved last, atomically
 A crash during a save leaves `latest` pointing at the previous complete checkpoint.
+Only trainable tensors are saved (with LoRA: its matrices and the fully trained groups);
+frozen ones come from the model build on resume (`init_from` / `model.weights` / the seed).
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ class ThroughputMeter:
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
         peak = flops.peak_flops(name, stage.precision, cfg.tracking.peak_tflops)
 
-        adapted = cfg_get(model, "lora.parts", [])  # LoRA: no base-weight gradients there
+        adapted = model.lora.parts  # LoRA targets: no base-weight gradients there
 
         def flops_fn(c: Mapping[str, int]) -> float:
             seg = c.get("seg_sq_tokens")

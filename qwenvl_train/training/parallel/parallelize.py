@@ -142,10 +142,9 @@ def parallelize(model: nn.Module, cfg: Any, world_size: int | None = None,
     if sizes.pp == 1:
         return Parallel(sizes, grid, model)
     stage = cfg.stage
-    lora = getattr(cfg.model, "lora", None)
     split = plan_split(cfg.model, sizes.pp, stage.image_size, stage.seq_len,
                        list(stage.trainable), pack=bool(stage.pack),
-                       adapted=lora.parts if lora is not None else ())
+                       adapted=cfg.model.lora.parts)
     if parts is not None:
         split = PipelineSplit(list(parts), split.layer_names, split.layer_cost)
     return Parallel(sizes, grid, pipe_mod.build_pipeline_module(model, topology, split), split)
