@@ -68,6 +68,7 @@ class TrainConfig:
         self.model.validate("model")
         self.data.validate("data")
         self.parallel.validate("parallel", self.model)
+        self.model.lora.validate_for_run(self.stage.trainable, self.parallel.tp)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
         self.export.validate("export")

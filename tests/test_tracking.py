@@ -194,7 +194,7 @@ def test_meter_from_train_config_on_cpu() -> None:
     model = NS(vision=NS(patch_size=14, width=8, layers=1, heads=2, mlp_dim=16),
                adapter=NS(num_queries=4, embed_dim=8, heads=2, post_group="vit"),
                llm=NS(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2,
-                      intermediate_size=16, vocab_size=10))
+                      intermediate_size=16, vocab_size=10), lora=NS(parts=[]))
     cfg = NS(model=model, parallel=NS(pp=1, tp=1), tracking=NS(peak_tflops=None),
              stage=NS(image_size=28, seq_len=8, trainable=["vit", "adapter"], precision="bf16"))
     counts = {"samples": 1, "images": 1, "tokens": 8, "real_tokens": 8}

@@ -42,6 +42,7 @@ import logging
 import os
 import signal
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
@@ -107,9 +108,12 @@ class TrainLoader:
         if spec.num_workers == 0:
             it = iter(ds)
         else:
+            # Own generator: the workers' base seed must not be drawn from the global RNG,
+            # which the model uses (dropout) and a checkpoint restores before this runs.
             it = iter(DataLoader(ds, batch_size=None, num_workers=spec.num_workers,
                                  collate_fn=_identity, prefetch_factor=spec.prefetch_factor,
-                                 worker_init_fn=_ignore_stop_signals))
+                                 worker_init_fn=_ignore_stop_signals,
+                                 generator=torch.Generator()))
         for batch, local, cursor in it:
             self._cursors[local] = cursor
             self._yielded += 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenvl_train.model.groups import ADAPTER, VIT
+from qwenvl_train.model.lora_config import LoRAConfig
 from qwenvl_train.tokens import IMG_PAD_ID
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -155,6 +156,7 @@ class QwenVLConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: GradCkptConfig = field(default_factory=GradCkptConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # applied after the weights load
 
     def validate(self, prefix: str = "model") -> None:
         self.vision.validate(f"{prefix}.vision")
@@ -164,6 +166,7 @@ class QwenVLConfig:
         self.weights.validate(f"{prefix}.weights")
         if self.sizes not in SIZES:
             raise _err(prefix, "sizes", f"must be one of {SIZES}, got {self.sizes!r}")
+        self.lora.validate(f"{prefix}.lora")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise _err(prefix, "attn_implementation",
                        f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")

@@ -73,6 +73,10 @@ def build_qwenvl(cfg: TrainConfig):
         load_consolidated(model, source)
     else:
         load_init_weights(model, cfg.model.weights)
+    if cfg.model.lora.enabled:  # LoRA: on top of the loaded base weights (model/lora.py)
+        from qwenvl_train.model.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora, seed=cfg.seed)
     return model
 
 
@@ -84,7 +88,8 @@ def _zero3_init_config(cfg: TrainConfig) -> dict:
 def freeze(cfg: TrainConfig, model) -> None:
     """requires_grad from the stage's trainable groups; log counts; refuse empty groups."""
     post = cfg.model.adapter.post_group
-    groups.set_trainable(model, cfg.stage.trainable, post)
+    # LoRA targets train only their LoRA matrices (model/lora_config.py states the rule).
+    groups.set_trainable(model, cfg.stage.trainable, post, lora_parts=cfg.model.lora.parts)
     counts = groups.check_trainable_groups(model, cfg.stage.trainable, post)
     _, infos = param_groups_of(cfg, model)
     for name, c in counts.items():
@@ -137,12 +142,14 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
     """Full weights of any layout -> run_dir/export in `export.formats` (model/export.py);
     returns where each format went (on rank 0; empty elsewhere)."""
     from qwenvl_train.model.export import export_model
+    from qwenvl_train.model.lora import merged_export
 
     state = par.full_state_dict()  # collective; full tensors on rank 0
-    # LoRA: merge the adapters into `state` here, before any format is written.
     paths: dict[str, Path] = {}
     if dist_info.is_main:
-        paths = export_model(state, cfg.model, Path(cfg.run_dir) / "export", cfg.export.formats,
+        # LoRA: adapters merged into the base weights; every format is the plain model.
+        state, model_cfg = merged_export(state, cfg.model)
+        paths = export_model(state, model_cfg, Path(cfg.run_dir) / "export", cfg.export.formats,
                              chat=cfg.stage.template == "sft", image_size=cfg.stage.image_size,
                              seq_length=cfg.stage.seq_len, max_shard_gb=cfg.export.max_shard_gb)
     dist.barrier()

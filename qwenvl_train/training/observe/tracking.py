@@ -212,11 +212,13 @@ class ThroughputMeter:
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
         peak = flops.peak_flops(name, stage.precision, cfg.tracking.peak_tflops)
 
+        adapted = model.lora.parts  # LoRA targets: no base-weight gradients there
+
         def flops_fn(c: Mapping[str, int]) -> float:
             seg = c.get("seg_sq_tokens")
             return flops.step_flops(
                 model, stage.image_size, c["tokens"], c["images"], stage.seq_len,
-                stage.trainable, loss_tokens=c.get("loss_tokens"),
+                stage.trainable, loss_tokens=c.get("loss_tokens"), adapted=adapted,
                 segment_len=seg / c["real_tokens"] if seg and c.get("real_tokens") else None,
             )
 
