@@ -28,6 +28,11 @@ class DataConfig:
     # by key: a non-empty default would survive in every YAML that names its own sources.)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     num_workers: int = 1
+    # V: the run's sample order is made by V virtual streams, dealt to the dp ranks' loader
+    # workers (data/global_order.py). Fixed for a run (a resume refuses another V); every
+    # dp x max(1, num_workers) you resume with must be <= V, and ideally divide it.
+    virtual_streams: int = 64
+    balance: bool = True              # assign micro-batches to dp ranks by estimated cost
     prefetch_factor: int = 2
     shuffle: bool = True              # reshuffle shard order and in-shard order per epoch
     max_consecutive_bad: int = 32     # more bad samples in a row than this stop the run
@@ -45,7 +50,7 @@ class DataConfig:
             if not src.weight > 0:
                 raise ValueError(f"{prefix}.sources.{name}.weight: must be > 0, "
                                  f"got {src.weight}")
-        for key, low in (("num_workers", 0), ("prefetch_factor", 1),
+        for key, low in (("num_workers", 0), ("virtual_streams", 1), ("prefetch_factor", 1),
                          ("max_consecutive_bad", 0), ("max_image_pixels", 1),
                          ("pack_buffer", 1), ("pad_to_multiple_of", 1)):
             v = getattr(self, key)
