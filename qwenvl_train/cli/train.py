@@ -21,11 +21,14 @@ from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
 
 def validate_launch(cfg: TrainConfig) -> None:
     """Checks that need the world size, still before distributed init."""
+    from qwenvl_train.training.elastic import check_resume
     from qwenvl_train.training.parallel.engine import grad_accumulation_steps
     from qwenvl_train.training.parallel.topology import validate_parallel
 
-    sizes = validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    sizes = validate_parallel(cfg.parallel, world, cfg.model)
     grad_accumulation_steps(cfg, sizes.dp)
+    check_resume(cfg, world)  # virtual streams cover the readers; what a resume may change
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")

@@ -2,13 +2,17 @@
 
 Layout of `run_dir/checkpoints/`:
   step_000100/            DeepSpeed's model + optimizer (+ scheduler) files for every rank,
-                          and `trainer_rank{r}.pt` (step, loader position, RNG) per rank
+                          `trainer_rank{r}.pt` (step, counters, RNG) per rank, and
+                          `data_state.json` (rank 0): every virtual stream's position and
+                          the layout that wrote it (data/loader.py, training/elastic.py)
   latest                  the tag of the newest COMPLETE checkpoint; moved last, atomically
 A crash during a save leaves `latest` pointing at the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -22,6 +26,8 @@ import torch.distributed as dist
 from qwenvl_train.training.faults import kill_if_armed
 
 LATEST = "latest"
+DATA_STATE = "data_state.json"
+log = logging.getLogger("qwenvl_train")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -62,13 +68,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int) -> Path:
-    """Save on every rank; move `latest` only after every rank finished writing."""
+         keep_last: int, data_state: dict | None = None) -> Path:
+    """Save on every rank; move `latest` only after every rank finished writing.
+    `data_state` (the loader's global state, on rank 0) goes into `data_state.json`."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     kill_if_armed(f"kill_in_save:{step}")
     torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
+    if rank == 0 and data_state is not None:
+        (root / tag / DATA_STATE).write_text(json.dumps(data_state))
     dist.barrier()
     if rank == 0:
         tmp = root / f".{LATEST}.tmp"
@@ -94,15 +103,36 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    path = root / tag / f"trainer_rank{rank}.pt"
+    # Written by another number of processes (an elastic resume, checked at launch by
+    # training/elastic.py): the counters are the same on every rank, take rank 0's; the
+    # per-rank RNG streams have no counterpart, each rank keeps its seeded one.
+    saved_world = load_data_state(run_dir, tag).get("layout", {}).get("world_size")
+    same_layout = saved_world in (None, dist.get_world_size())
+    path = root / tag / f"trainer_rank{rank if same_layout else 0}.pt"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: the checkpoint was written by fewer ranks than this run has; "
             "resume with the same number of processes or start a new stage with init_from"
         )
     state = torch.load(path, weights_only=False)
-    set_rng_state(state.pop("rng"))
+    rng = state.pop("rng")
+    if same_layout:
+        set_rng_state(rng)
+    elif rank == 0:
+        log.warning("resuming a checkpoint of %d processes with %d: RNG states not restored",
+                    saved_world, dist.get_world_size())
     return state
+
+
+def load_data_state(run_dir: str | Path, tag: str) -> dict:
+    """The data position of every virtual stream (`data_state.json` of checkpoint `tag`)."""
+    path = checkpoint_dir(run_dir) / tag / DATA_STATE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint predates the layout-independent data order "
+            "(or is incomplete); resume it with the code that wrote it, or start the stage "
+            "in a new run_dir")
+    return json.loads(path.read_text())
 
 
 def resolve_init_from(path: str | Path) -> Path:

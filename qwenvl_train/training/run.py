@@ -145,6 +145,7 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
 
 def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     from qwenvl_train.data.loader import build_loader
+    from qwenvl_train.training.elastic import build_exchange, micro_batch_cost
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
@@ -173,6 +174,7 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     del model
 
     loader = None
+    exchange = build_exchange(cfg, par)  # collective: the readers' group (None elsewhere)
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
         loader = build_loader(
             cfg.data, get_tokenizer(), template=cfg.stage.template,
@@ -180,13 +182,15 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
             num_workers=cfg.data.num_workers,
+            global_batch_size=cfg.stage.global_batch_size, exchange=exchange,
+            cost=micro_batch_cost(cfg),
         )
     state, meter_state = TrainState(), {}
     tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
-            loader.load_state_dict(state.loader)
+            loader.load_state_dict(ckpt.load_data_state(run_dir, tag))
         meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
     source = iter(loader) if loader is not None else None
