@@ -16,7 +16,7 @@ from torch.utils.data import get_worker_info
 from qwenvl_train.tokens import IGNORE_INDEX
 
 from .encode import EncodedSample
-from .images import normalize_into
+from .images import normalize_into, stack_into
 from .schema import TASK_INDEX
 
 
@@ -78,13 +78,7 @@ def _batch_images(images: list[torch.Tensor], size: int, normalize: bool) -> tor
         out = torch.empty(0, dtype=dtype).set_(storage).view(n, 3, size, size)
     else:
         out = torch.empty((n, 3, size, size), dtype=dtype)
-    if not normalize:
-        i = 0
-        for x in images:
-            out[i:i + x.shape[0]].copy_(x)
-            i += x.shape[0]
-        return out
-    return normalize_into(out, images)
+    return normalize_into(out, images) if normalize else stack_into(out, images)
 
 
 def normalize_batch_images(batch: dict) -> dict:
