@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from data_recipes.common import Converted, Skip, load_image
+from data_recipes.common import Converted, Skip, image_dir, load_image
 from data_recipes.jsonstream import iter_array
 from data_recipes.runner import Converter
 
@@ -32,13 +32,19 @@ class CocoCaptions(Converter):
             split = os.path.basename(src).removeprefix("captions_").removesuffix(".json")
             image_root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(src))),
                                       split)
-        self.image_root = image_root
+            self.image_root = image_dir(image_root, "COCO's layout: annotations/ beside "
+                                                    f"{split}/")
+        else:
+            self.image_root = image_dir(image_root)
         self.source = source
 
     def items(self) -> Iterator[Any]:
         files = {im["id"]: im["file_name"] for im in iter_array(self.src, "images")}
         for ann in iter_array(self.src, "annotations"):
             yield ann.get("id"), files.get(ann.get("image_id")), ann.get("caption")
+
+    def item_key(self, item: Any) -> str:
+        return f"coco{item[0]}"
 
     def convert(self, item: Any) -> Converted:
         ann_id, file_name, caption = item
@@ -50,4 +56,4 @@ class CocoCaptions(Converter):
         im = load_image(os.path.join(self.image_root, file_name))
         record = {"task": "caption", "source": self.source,
                   "images": [{"width": im.width, "height": im.height}], "caption": caption}
-        return Converted(f"coco{ann_id}", record, [(im.ext, im.data)])
+        return Converted(self.item_key(item), record, [(im.ext, im.data)])

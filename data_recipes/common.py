@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from data_recipes.jsonstream import iter_records
 
 # Formats the shard reader takes as they are; anything else is re-encoded to PNG.
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -24,15 +27,20 @@ class Skip(Exception):  # noqa: N818 -- a control-flow signal, not an error
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass
 class Converted:
-    """One output sample: shard key, record JSON (docs/contracts.md) and image members."""
+    """One output sample: shard key, record JSON (docs/contracts.md) and image members.
+
+    `notes`: (reason, detail) of problems with the source item that did not stop it from
+    becoming a sample (e.g. unreadable metadata); the runner reports them by key."""
 
     key: str
     record: dict[str, Any]
     images: list[tuple[str, bytes]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -51,14 +59,24 @@ def clean_key(key: Any) -> str:
     return _KEY_BAD.sub("_", str(key)) or "_"
 
 
+def _decode_check(im: Image.Image) -> None:
+    """Decode the whole image; a truncated or corrupt file raises. `verify()` would not do:
+    for JPEG it reads no entropy-coded data at all. A JPEG is decoded at 1/8 scale (the
+    DCT-domain `draft`), which still reads every coded block but skips most of the inverse
+    DCT and colour conversion (measured by scripts/bench_image_check.py)."""
+    if im.format == "JPEG":
+        im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
+    im.load()
+
+
 def image_from_bytes(data: bytes, name: str = "") -> LoadedImage:
-    """Check that the bytes are an image, read its size, keep its encoding when we can."""
+    """Check that the bytes decode as an image, read its size, keep its encoding when we can."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
             width, height = im.size
             if fmt in _KEEP_FORMATS:
-                im.verify()
+                _decode_check(im)
                 return LoadedImage(_KEEP_FORMATS[fmt], data, width, height)
             # GIF/BMP/TIFF...: decode the first frame and store it as PNG.
             im.seek(0)
@@ -83,6 +101,27 @@ def load_image(path: str | Path) -> LoadedImage:
     except OSError as e:
         raise Skip("bad_image", f"{path}: {e}") from e
     return image_from_bytes(data, path)
+
+
+def image_dir(root: str, default_from: str | None = None) -> str:
+    """`root` when it is a folder. Otherwise a FileNotFoundError before anything is converted,
+    naming the folder (and, for a default, what it was derived from) and `--image-root`."""
+    if os.path.isdir(root):
+        return root
+    why = f" (the default for {default_from})" if default_from else ""
+    raise FileNotFoundError(f"image folder {root}{why} does not exist; pass --image-root DIR")
+
+
+def records_with_root(files: list[str],
+                      image_root: str | None) -> Iterator[tuple[int, str, Any]]:
+    """(position, image folder, record) over the records of JSON / JSON-lines `files`; the
+    image folder is `image_root`, else the folder of the record's file."""
+    index = 0
+    for path in files:
+        root = image_root or os.path.dirname(os.path.abspath(path))
+        for rec in iter_records(path):
+            yield index, root, rec
+            index += 1
 
 
 def resolve(root: str | None, rel: str) -> str:

@@ -4,28 +4,34 @@ Source: a JSON array of `{"id": ..., "conversations": [{"from": "user"|"assistan
 "value": ...}]}` (the format of the Qwen-VL repository's finetune script). Images are
 written inline as `Picture 1: <img>path</img>\\n`; boxes as
 `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` with integers in [0, 1000), possibly several
-`<box>` after one `<ref>`, or a `<box>` without a `<ref>`.
+`<box>` after one `<ref>`, or a `<box>` without a `<ref>`. Image paths are relative to
+`image_root`, by default the JSON file's folder.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from data_recipes.common import Converted, Skip, load_image, resolve
-from data_recipes.jsonstream import iter_records
+from data_recipes.common import (
+    Converted,
+    Skip,
+    clean_key,
+    image_dir,
+    load_image,
+    records_with_root,
+    resolve,
+)
 from data_recipes.runner import Converter
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "system": "system"}
 
 _BOX = r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>"
-_TOKEN = re.compile(
-    r"(?:Picture \d+: ?)?<img>(?P<img>.*?)</img>\n?"
-    r"|(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:" + _BOX + r")+)"
-)
+_REF_BOXES = r"(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:" + _BOX + r")+)"
+_TOKEN = re.compile(r"(?:Picture \d+: ?)?<img>(?P<img>.*?)</img>\n?|" + _REF_BOXES)
+_REF_BOX_TOKEN = re.compile(_REF_BOXES)
 _ONE_BOX = re.compile(_BOX)
 
 
@@ -34,9 +40,7 @@ def _box_1000(m: re.Match) -> list[int]:
     return [min(999, max(0, int(v))) for v in m.groups()]
 
 
-def parse_value(text: str, image_paths: list[str]) -> list[dict[str, Any]]:
-    """Split one turn's text into content parts. Each `<img>` appends its path to
-    `image_paths` (a repeated path is a new image: every image appears exactly once)."""
+def _split(text: str, token: re.Pattern, image_paths: list[str]) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     pos = 0
 
@@ -44,10 +48,10 @@ def parse_value(text: str, image_paths: list[str]) -> list[dict[str, Any]]:
         if s:
             parts.append({"type": "text", "text": s})
 
-    for m in _TOKEN.finditer(text):
+    for m in token.finditer(text):
         add_text(text[pos : m.start()])
         pos = m.end()
-        if m.group("img") is not None:
+        if m.groupdict().get("img") is not None:
             image_paths.append(m.group("img").strip())
             parts.append({"type": "image", "image": len(image_paths) - 1})
         else:
@@ -55,6 +59,18 @@ def parse_value(text: str, image_paths: list[str]) -> list[dict[str, Any]]:
             parts.append({"type": "box", "ref": m.group("ref"), "boxes_1000": boxes})
     add_text(text[pos:])
     return parts
+
+
+def parse_value(text: str, image_paths: list[str]) -> list[dict[str, Any]]:
+    """Split one turn's text into content parts. Each `<img>` appends its path to
+    `image_paths` (a repeated path is a new image: every image appears exactly once)."""
+    return _split(text, _TOKEN, image_paths)
+
+
+def ref_box_parts(text: str) -> list[dict[str, Any]]:
+    """Text with Qwen-VL `<ref>..</ref><box>(x1,y1),(x2,y2)</box>` markup -> text and box
+    parts (`boxes_1000`); `<img>` is left alone (for formats that mark images otherwise)."""
+    return _split(text, _REF_BOX_TOKEN, [])
 
 
 def conversation_to_messages(
@@ -77,7 +93,7 @@ def conversation_to_messages(
     return messages
 
 
-def load_images(paths: list[str], root: str | None) -> tuple[list[dict], list[tuple[str, bytes]]]:
+def load_images(paths: list[str], root: str) -> tuple[list[dict], list[tuple[str, bytes]]]:
     sizes, members = [], []
     for p in paths:
         im = load_image(resolve(root, p))
@@ -87,24 +103,33 @@ def load_images(paths: list[str], root: str | None) -> tuple[list[dict], list[tu
 
 
 class ChatJson(Converter):
-    """A JSON array (or JSON lines) of dialogue records whose image paths are relative to
-    `image_root` (default: the file's folder). Subclasses parse one record's turns."""
+    """JSON arrays (or JSON lines) of dialogue records -- one file, a folder of them or a
+    glob -- whose image paths are relative to `image_root` (default: each file's folder).
+    Sample keys are `{position:09d}_{id}` (the record's `id`, dots and slashes made `_`),
+    so skipped items and samples are named by their source id. Subclasses parse the turns."""
 
     task = "chat"
+    source_exts = (".json", ".jsonl")
 
     def __init__(self, src: str, image_root: str | None, source: str):
         self.src = src
-        self.image_root = image_root or os.path.dirname(os.path.abspath(src))
+        self.image_root = image_dir(image_root) if image_root else None
         self.source = source
 
     def items(self) -> Iterator[Any]:
-        yield from enumerate(iter_records(self.src))
+        return records_with_root(self.source_files(), self.image_root)
 
-    def chat_sample(self, index: int, messages: list[dict], paths: list[str]) -> Converted:
-        sizes, members = load_images(paths, self.image_root)
+    def item_key(self, item: Any) -> str:
+        index, _, rec = item
+        sid = rec.get("id") if isinstance(rec, dict) else None
+        return f"{index:09d}_{clean_key(sid)}" if sid not in (None, "") else f"{index:09d}"
+
+    def sample(self, item: Any, messages: list[dict], sizes: list[dict],
+               members: list[tuple[str, bytes]],
+               notes: list[tuple[str, str]] | None = None) -> Converted:
         record = {"task": "chat", "source": self.source, "images": sizes,
                   "messages": messages}
-        return Converted(f"{index:09d}", record, members)
+        return Converted(self.item_key(item), record, members, notes or [])
 
 
 class QwenVLJson(ChatJson):
@@ -115,10 +140,10 @@ class QwenVLJson(ChatJson):
         super().__init__(src, image_root, source)
 
     def convert(self, item: Any) -> Converted:
-        index, rec = item
+        rec = item[2]
         turns = rec.get("conversations") if isinstance(rec, dict) else None
         if not turns:
             raise Skip("no_conversations")
         image_paths: list[str] = []
         messages = conversation_to_messages(turns, image_paths)
-        return self.chat_sample(index, messages, image_paths)
+        return self.sample(item, messages, *load_images(image_paths, item[1]))

@@ -1,9 +1,16 @@
 """RefCOCO / RefCOCO+ / RefCOCOg -> `ref_grounding` or `grounded_caption`.
 
-Source layout (the `refer` toolkit's): `refcoco/refs(unc).p` (`refcocog/refs(umd).p`), a
-pickled list of refs {ref_id, ann_id, image_id, split, sentences: [{sent, raw}]}, and
-`refcoco/instances.json` (COCO format: images with file_name/width/height, annotations with
-`bbox` = [x, y, width, height] in pixels). Images are COCO train2014.
+Source layout (the `refer` toolkit's, under its `data/` folder):
+
+    refcoco/refs(unc).p  refcoco/instances.json        (refcoco+, refcocog/refs(umd).p alike)
+    images/mscoco/images/train2014/COCO_train2014_*.jpg
+
+`refs(...).p` is a pickled list of refs {ref_id, ann_id, image_id, split, sentences: [{sent,
+raw}]}; `instances.json` is COCO format (images with file_name/width/height, annotations
+with `bbox` = [x, y, width, height] in pixels). Images are COCO train2014, found where the
+toolkit keeps them (`../images/mscoco/images/train2014` from the refs file) unless
+`image_root` says otherwise. `split`: one split (`train`, the default), several
+(`train,val`: converted in one run into the same shards) or `all`.
 
 - `ref_grounding`: one sample per referred object; every sentence of it is an expression
   pointing at its box.
@@ -17,7 +24,7 @@ import pickle
 from collections.abc import Iterator
 from typing import Any
 
-from data_recipes.common import Converted, Skip, clip_box, load_image, xywh_to_xyxy
+from data_recipes.common import Converted, Skip, clip_box, image_dir, load_image, xywh_to_xyxy
 from data_recipes.jsonstream import iter_array
 from data_recipes.runner import Converter
 
@@ -37,6 +44,12 @@ def load_refs(path: str) -> list[dict[str, Any]]:
         return _DataOnly(f, encoding="utf-8", errors="replace").load()
 
 
+def refer_image_root(refs_path: str) -> str:
+    """Where the refer toolkit keeps the COCO images, seen from a refs file."""
+    data = os.path.dirname(os.path.dirname(os.path.abspath(refs_path)))
+    return os.path.join(data, "images", "mscoco", "images", "train2014")
+
+
 class RefCOCO(Converter):
     name = "refcoco"
     option_choices = {"task": TASKS}
@@ -48,24 +61,38 @@ class RefCOCO(Converter):
             raise ValueError(f"task: {task!r}, expected one of {TASKS}")
         self.src, self.split, self.task = src, split, task
         self.instances = instances or os.path.join(os.path.dirname(src), "instances.json")
-        self.image_root = image_root
+        self.image_root = image_dir(image_root) if image_root else image_dir(
+            refer_image_root(src), "the refer toolkit's layout next to the refs file")
         # refcoco / refcoco+ / refcocog, from the directory the refs file sits in.
         self.source = source or os.path.basename(os.path.dirname(os.path.abspath(src)))
 
+    def inputs(self) -> list[str]:
+        return [self.src, self.instances]
+
+    def splits(self) -> set[str] | None:
+        """The requested splits; None = all."""
+        names = {s.strip() for s in (self.split or "all").split(",") if s.strip()}
+        return None if not names or "all" in names else names
+
     def items(self) -> Iterator[Any]:
+        refs = load_refs(self.src)
+        wanted = self.splits()
+        present = {str(r.get("split")) for r in refs}
+        if wanted is not None and wanted - present:
+            raise ValueError(f"split {','.join(sorted(wanted - present))} not in {self.src} "
+                             f"(it has {','.join(sorted(present))}; or --split all)")
         images = {im["id"]: im["file_name"] for im in iter_array(self.instances, "images")}
         boxes = {a["id"]: a["bbox"] for a in iter_array(self.instances, "annotations")}
-        for ref in load_refs(self.src):
-            if self.split and ref.get("split") != self.split:
+        for ref in refs:
+            if wanted is not None and ref.get("split") not in wanted:
                 continue
             sents = [" ".join(str(s.get("sent") or s.get("raw") or "").split())
                      for s in ref.get("sentences", [])]
             yield (ref["ref_id"], images.get(ref["image_id"]), boxes.get(ref["ann_id"]),
                    [s for s in sents if s])
 
-    def _image(self, file_name: str):
-        root = self.image_root or os.path.dirname(os.path.abspath(self.instances))
-        return load_image(os.path.join(root, file_name))
+    def item_key(self, item: Any) -> str:
+        return f"ref{item[0]}"
 
     def convert(self, item: Any) -> list[Converted]:
         ref_id, file_name, bbox, sents = item
@@ -73,7 +100,7 @@ class RefCOCO(Converter):
             raise Skip("unknown_annotation")
         if not sents:
             raise Skip("no_sentence")
-        im = self._image(file_name)
+        im = load_image(os.path.join(self.image_root, file_name))
         box = clip_box(xywh_to_xyxy(bbox), im.width, im.height)
         if box is None:
             raise Skip("empty_box")

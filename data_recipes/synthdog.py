@@ -1,30 +1,30 @@
-"""SynthDoG-style OCR annotations -> `ocr` samples (text regions with quads).
+"""SynthDoG-style OCR annotations -> `ocr` samples.
 
 Donut's SynthDoG writes `metadata.jsonl` lines `{"file_name": "image_0.jpg",
-"ground_truth": "<json string>"}` next to the images. The plain generator stores only the
-text sequence; generators that keep geometry (and most OCR sets: ICDAR-like, SynthText
-exports) add text regions. Accepted, in the record itself or inside `ground_truth` (also
-under `gt_parse`):
+"ground_truth": "<json string>"}` next to the images. Two kinds of records:
 
-    "lines" | "words" | "regions": [{"text": "...", "quad": [[x, y] x 4] | [x1, y1, ..., y4]
-                                     | "bbox"/"box": [x1, y1, x2, y2]}]
+- **with geometry** (generators that keep it; most OCR sets: ICDAR-like, SynthText
+  exports), in the record itself or inside `ground_truth` (also under `gt_parse`):
 
-Quads are pixels, clockwise from top-left (as the record contract says). `level` picks
-lines (default) or words when both exist. Records without geometry are skipped
-(`no_regions`): OCR samples teach reading *with* positions.
+      "lines" | "words" | "regions": [{"text": "...", "quad": [[x, y] x 4] | [x1, y1, ..., y4]
+                                       | "bbox"/"box": [x1, y1, x2, y2]}]
+
+  -> regions with quads (pixels, clockwise from top-left, as the record contract says) or
+  boxes; `level` picks lines (default) or words when both exist. The template renders
+  them as `OCR with grounding:`.
+- **text only**: the stock generator's `{"gt_parse": {"text_sequence": "..."}}` -> plain
+  OCR, image -> the full text in reading order, no positions: the record
+  `{"task": "ocr", "text": "...", "images": [...]}` (no `regions`), rendered as `OCR:`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
-from data_recipes.common import Converted, Skip, load_image, resolve
-from data_recipes.jsonstream import iter_records
+from data_recipes.common import Converted, Skip, image_dir, load_image, records_with_root, resolve
 from data_recipes.runner import Converter
-from data_recipes.wds import expand_sources
 
 LEVELS = ("lines", "words")
 
@@ -44,17 +44,23 @@ def _within(pts: list[list[float]], width: int, height: int) -> list[list[float]
             for x, y in pts]
 
 
-def regions_of(rec: dict[str, Any], level: str, width: int, height: int) -> list[dict]:
-    """The record's text regions at `level`, in the record contract's form."""
+def _ground_truth_holders(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The record and, when present, its decoded `ground_truth` and `gt_parse` objects."""
     holders = [rec]
     gt = rec.get("ground_truth")
     if isinstance(gt, str):
         try:
             gt = json.loads(gt)
         except ValueError as e:
-            raise Skip("bad_json") from e
+            raise Skip("bad_json", str(e)) from e
     if isinstance(gt, dict):
         holders += [gt, gt.get("gt_parse") or {}]
+    return holders
+
+
+def regions_of(rec: dict[str, Any], level: str, width: int, height: int) -> list[dict]:
+    """The record's text regions at `level`, in the record contract's form."""
+    holders = _ground_truth_holders(rec)
     order = [level, *(lv for lv in LEVELS if lv != level), "regions"]
     found = next((h[k] for k in order for h in holders if isinstance(h.get(k), list)), None)
     out = []
@@ -78,34 +84,55 @@ def regions_of(rec: dict[str, Any], level: str, width: int, height: int) -> list
     return out
 
 
+def text_sequence_of(rec: dict[str, Any]) -> str:
+    """The full text of a text-only record (`text_sequence`), whitespace tidied within each
+    line, line breaks kept (they are reading order); "" when there is none."""
+    holders = _ground_truth_holders(rec)
+    raw = next((h["text_sequence"] for h in holders if isinstance(h.get("text_sequence"), str)),
+               "")
+    lines = (" ".join(line.split()) for line in raw.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def plain_ocr_record(source: str, width: int, height: int, text: str) -> dict[str, Any]:
+    """The record of an OCR sample without geometry: image -> its full text."""
+    return {"task": "ocr", "source": source, "images": [{"width": width, "height": height}],
+            "text": text}
+
+
 class SynthDoG(Converter):
     name = "synthdog"
     task = "ocr"
     option_choices = {"level": LEVELS}
+    source_exts = (".jsonl", ".json")
 
     def __init__(self, src: str, image_root: str | None = None, level: str = "lines",
                  source: str = "synthdog"):
         if level not in LEVELS:
             raise ValueError(f"level: {level!r}, expected one of {LEVELS}")
-        self.src, self.image_root, self.level, self.source = src, image_root, level, source
+        self.src, self.level, self.source = src, level, source
+        self.image_root = image_dir(image_root) if image_root else None
 
     def items(self) -> Iterator[Any]:
-        index = 0
-        for path in expand_sources(self.src, (".jsonl", ".json")):
-            root = self.image_root or os.path.dirname(os.path.abspath(path))
-            for rec in iter_records(path):
-                yield index, root, rec
-                index += 1
+        return records_with_root(self.source_files(), self.image_root)
+
+    def item_key(self, item: Any) -> str:
+        return f"{item[0]:09d}"
 
     def convert(self, item: Any) -> Converted:
-        index, root, rec = item
+        _, root, rec = item
         name = (rec.get("file_name") or rec.get("image")) if isinstance(rec, dict) else None
         if not isinstance(name, str):
             raise Skip("no_image")
         im = load_image(resolve(root, name))
+        members = [(im.ext, im.data)]
         regions = regions_of(rec, self.level, im.width, im.height)
-        if not regions:
-            raise Skip("no_regions")
-        record = {"task": "ocr", "source": self.source,
-                  "images": [{"width": im.width, "height": im.height}], "regions": regions}
-        return Converted(f"{index:09d}", record, [(im.ext, im.data)])
+        if regions:
+            record = {"task": "ocr", "source": self.source,
+                      "images": [{"width": im.width, "height": im.height}], "regions": regions}
+            return Converted(self.item_key(item), record, members)
+        text = text_sequence_of(rec)
+        if not text:
+            raise Skip("no_regions", "no text region with a position and no text_sequence")
+        record = plain_ocr_record(self.source, im.width, im.height, text)
+        return Converted(self.item_key(item), record, members)

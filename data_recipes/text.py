@@ -12,7 +12,7 @@ from typing import Any
 
 from data_recipes.common import Converted, Skip
 from data_recipes.runner import Converter
-from data_recipes.wds import expand_sources, iter_table
+from data_recipes.wds import iter_table
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -32,6 +32,7 @@ def split_text(text: str, max_chars: int) -> list[str]:
 class TextJSONL(Converter):
     name = "text"
     task = "text"
+    source_exts = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
     def __init__(self, src: str, field: str = "text", max_chars: int = 4000,
                  min_chars: int = 1, source: str = "text"):
@@ -40,10 +41,13 @@ class TextJSONL(Converter):
 
     def items(self) -> Iterator[Any]:
         index = 0
-        for path in expand_sources(self.src, (".jsonl", ".jsonl.gz", ".json", ".parquet")):
+        for path in self.source_files():
             for row in iter_table(path, [self.field]):
                 yield index, row.get(self.field) if isinstance(row, dict) else None
                 index += 1
+
+    def item_key(self, item: Any) -> str:
+        return f"{item[0]:09d}"
 
     def convert(self, item: Any) -> list[Converted]:
         index, text = item

@@ -10,6 +10,7 @@
 - Any table of (image, question, answer) rows (`vqa_table`): parquet / JSON(L), e.g. the
   Hugging Face exports of DocVQA, TextVQA, ChartQA, OCR-VQA, AI2D, DVQA. The answer field
   may hold a string, a list of strings or VQAv2-style dicts (the most common one is taken).
+  Image paths in rows are relative to `image_root`, by default the table file's folder.
 
 `qa_per_sample` > 1 groups consecutive questions on the same image into one sample
 (fewer copies of the image in the shards); 1 keeps the paper's one-question samples.
@@ -22,10 +23,18 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from data_recipes.common import Converted, Skip, clean_key, load_image, row_image
+from data_recipes.common import (
+    Converted,
+    Skip,
+    clean_key,
+    image_dir,
+    load_image,
+    resolve,
+    row_image,
+)
 from data_recipes.jsonstream import iter_array, iter_object, top_level_scalars
 from data_recipes.runner import Converter
-from data_recipes.wds import expand_sources, iter_table
+from data_recipes.wds import iter_table
 
 
 def most_common_answer(answers: list[dict[str, Any]]) -> str | None:
@@ -63,6 +72,9 @@ class _VQABase(Converter):
     def _image(self, image_id: Any):
         return load_image(self._image_path(image_id))
 
+    def item_key(self, item: Any) -> str:
+        return clean_key(f"q{item[1][0]['id']}")
+
     def convert(self, item: Any) -> Converted:
         image_id, qas = item
         qas = [q for q in qas if q["answer"]]
@@ -72,7 +84,7 @@ class _VQABase(Converter):
         record = {"task": "vqa", "source": self.source,
                   "images": [{"width": im.width, "height": im.height}],
                   "qa": [{"question": q["question"], "answer": q["answer"]} for q in qas]}
-        return Converted(clean_key(f"q{qas[0]['id']}"), record, [(im.ext, im.data)])
+        return Converted(self.item_key(item), record, [(im.ext, im.data)])
 
 
 class VQAv2(_VQABase):
@@ -83,9 +95,14 @@ class VQAv2(_VQABase):
                  answer: str = "most_common", qa_per_sample: int = 1, source: str = "vqav2"):
         if answer not in ("most_common", "multiple_choice"):
             raise ValueError(f"answer: {answer!r}, expected most_common | multiple_choice")
-        self.src, self.annotations, self.image_root = src, annotations, image_root
+        self.src, self.annotations = src, annotations
+        self.image_root = image_dir(image_root) if image_root else image_dir(
+            os.path.dirname(os.path.abspath(src)), "the questions file's folder")
         self.answer, self.qa_per_sample, self.source = answer, qa_per_sample, source
         self.subtype = str(top_level_scalars(src).get("data_subtype", ""))
+
+    def inputs(self) -> list[str]:
+        return [self.src] + ([self.annotations] if self.annotations else [])
 
     def _pairs(self) -> Iterator[tuple[Any, dict]]:
         answers: dict[Any, str | None] = {}
@@ -101,10 +118,9 @@ class VQAv2(_VQABase):
             yield q["image_id"], qa
 
     def _image_path(self, image_id: Any) -> str:
-        root = self.image_root or os.path.dirname(os.path.abspath(self.src))
-        name = os.path.join(root, f"COCO_{self.subtype}_{int(image_id):012d}.jpg")
+        name = os.path.join(self.image_root, f"COCO_{self.subtype}_{int(image_id):012d}.jpg")
         if not os.path.exists(name):
-            alt = os.path.join(root, f"{int(image_id):012d}.jpg")
+            alt = os.path.join(self.image_root, f"{int(image_id):012d}.jpg")
             name = alt if os.path.exists(alt) else name
         return name
 
@@ -118,8 +134,9 @@ class GQA(_VQABase):
         if answer not in ("short", "full"):
             raise ValueError(f"answer: {answer!r}, expected short | full")
         self.src, self.answer, self.qa_per_sample, self.source = src, answer, qa_per_sample, source
-        self.image_root = image_root or os.path.join(
-            os.path.dirname(os.path.abspath(src)), "images")
+        self.image_root = image_dir(image_root) if image_root else image_dir(
+            os.path.join(os.path.dirname(os.path.abspath(src)), "images"),
+            "GQA's layout: images/ beside the questions file")
 
     def _pairs(self) -> Iterator[tuple[Any, dict]]:
         field = "answer" if self.answer == "short" else "fullAnswer"
@@ -144,28 +161,33 @@ class VQATable(_VQABase):
     """Rows of (image, question, answer) from parquet / JSON(L) files -> `vqa`."""
 
     name = "vqa_table"
+    source_exts = (".parquet", ".jsonl", ".json")
 
     def __init__(self, src: str, image_root: str | None = None, question_field: str = "question",
                  answer_field: str = "answers", image_field: str = "image",
                  qa_per_sample: int = 1, source: str = "vqa"):
-        self.src, self.image_root, self.source = src, image_root, source
+        self.src, self.source = src, source
+        self.image_root = image_dir(image_root) if image_root else None
         self.question_field, self.answer_field = question_field, answer_field
         self.image_field, self.qa_per_sample = image_field, qa_per_sample
 
     def _pairs(self) -> Iterator[tuple[Any, dict]]:
         index = 0
-        for path in expand_sources(self.src, (".parquet", ".jsonl", ".json")):
+        for path in self.source_files():
+            # Image paths in rows are relative to image_root, default the table's folder.
+            root = self.image_root or os.path.dirname(os.path.abspath(path))
             for row in iter_table(path):
                 q = " ".join(str(row.get(self.question_field) or "").split())
                 ans = row.get(self.answer_field, row.get("answer"))
                 img = row.get(self.image_field)
                 # Rows carrying image bytes travel with the item; paths are read in the worker.
-                image = img if isinstance(img, str) else {self.image_field: img,
-                                                          "key": row.get("key")}
+                image = resolve(root, img) if isinstance(img, str) else {
+                    self.image_field: img, "key": row.get("key"), "root": root}
                 yield image, {"id": row.get("question_id", index), "question": q,
                               "answer": answer_of(ans) if q else None}
                 index += 1
 
     def _image(self, image_id: Any):
-        row = {self.image_field: image_id} if isinstance(image_id, str) else image_id
-        return row_image(row, self.image_root, self.image_field)
+        if isinstance(image_id, str):
+            return load_image(image_id)
+        return row_image(image_id, image_id["root"], self.image_field)

@@ -1,182 +1,38 @@
-"""The structured schema of the Hydra config, and its validation before anything starts.
+"""The whole training config: composes the component configs, checks the rules that span
+components, and loads Hydra configs onto the schema.
 
-Hydra composes `configs/train.yaml` with one choice per group; `load_config` merges the
-result onto the dataclass schema below (an unknown key or a value of the wrong type fails
-there, naming the key) and then checks the allowed values of every field.
+Each component's dataclass lives beside the code it configures (torch-free):
+  stage, stage.optim, checkpoint  training/config.py   (StageConfig, OptimConfig, CheckpointConfig)
+  model                           model/config.py      (QwenVLConfig)
+  data                            data/config.py       (DataConfig)
+  tracking                        training/observe/config.py (TrackingConfig)
+  parallel                        training/parallel/config.py (ParallelConfig)
+Hydra composes `configs/train.yaml` onto `TrainConfig` (registered as `train_schema`, the
+first entry of its defaults), so a YAML lists only what differs from the defaults, every
+key can be overridden, and an unknown key or a value of the wrong type fails naming it;
+`to_schema` then builds the typed object and runs every `validate`. Nothing here imports
+torch, transformers or deepspeed: rejecting a bad override takes about a second.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwenvl_train.data.config import TEMPLATES, DataConfig
+from qwenvl_train.checks import ConfigError, choice, positive
+from qwenvl_train.data.config import DataConfig
 from qwenvl_train.model.config import QwenVLConfig
-from qwenvl_train.model.groups import GROUPS
+from qwenvl_train.training.config import CheckpointConfig, StageConfig
+from qwenvl_train.training.observe.config import TrackingConfig
+from qwenvl_train.training.parallel.config import ParallelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PRECISIONS = ("bf16", "fp16", "fp32")
-
-
-def cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    """`a.b.c` lookup on dataclasses, DictConfigs and dicts alike."""
-    node = cfg
-    for key in dotted.split("."):
-        if node is None:
-            return default
-        node = node.get(key, None) if isinstance(node, dict) else getattr(node, key, None)
-    return default if node is None else node
-
-
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message names the key."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    min_lr: float = 1e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    schedule: str = "cosine"
-    warmup_steps: int = 500
-    vit_layer_decay: float = 0.95
-    group_lr_scale: dict[str, float] = field(
-        default_factory=lambda: {"vit": 1.0, "adapter": 1.0, "llm": 1.0}
-    )
-    # Multiplies lr and min_lr together (schedule shape and stage ratios unchanged); for
-    # models much narrower than the recipe's (the CPU demo), which need larger steps.
-    lr_multiplier: float = 1.0
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr * self.lr_multiplier
-
-    @property
-    def floor_lr(self) -> float:
-        return self.min_lr * self.lr_multiplier
-
-    def validate(self, prefix: str) -> None:
-        _positive(f"{prefix}.lr", self.lr)
-        _positive(f"{prefix}.lr_multiplier", self.lr_multiplier)
-        _positive(f"{prefix}.min_lr", self.min_lr, allow_zero=True)
-        if self.min_lr > self.lr:
-            raise ConfigError(f"{prefix}.min_lr: {self.min_lr} exceeds lr {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"{prefix}.betas: need two values in [0, 1), got {self.betas}")
-        _positive(f"{prefix}.eps", self.eps)
-        _positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
-        _positive(f"{prefix}.grad_clip", self.grad_clip, allow_zero=True)
-        _choice(f"{prefix}.schedule", self.schedule, ("cosine", "linear", "constant"))
-        _positive(f"{prefix}.warmup_steps", self.warmup_steps, allow_zero=True)
-        if not 0 < self.vit_layer_decay <= 1:
-            raise ConfigError(f"{prefix}.vit_layer_decay: must be in (0, 1]")
-        for group, scale in self.group_lr_scale.items():
-            _choice(f"{prefix}.group_lr_scale key", group, GROUPS)
-            _positive(f"{prefix}.group_lr_scale.{group}", scale, allow_zero=True)
-
-
-@dataclass
-class StageConfig:
-    name: str = "pretrain"
-    template: str = "pretrain"
-    trainable: list[str] = field(default_factory=lambda: ["vit", "adapter"])
-    image_size: int = 224
-    seq_len: int = 512
-    pack: bool = False
-    global_batch_size: int = 30720
-    micro_batch_size: int = 8
-    steps: int = 50000
-    precision: str = "bf16"
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def validate(self, prefix: str) -> None:
-        _choice(f"{prefix}.template", self.template, TEMPLATES)
-        if not self.trainable:
-            raise ConfigError(f"{prefix}.trainable: at least one of {list(GROUPS)} must train")
-        for group in self.trainable:
-            _choice(f"{prefix}.trainable", group, GROUPS)
-        _positive(f"{prefix}.image_size", self.image_size)
-        _positive(f"{prefix}.seq_len", self.seq_len)
-        _positive(f"{prefix}.global_batch_size", self.global_batch_size)
-        _positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
-        _positive(f"{prefix}.steps", self.steps)
-        _choice(f"{prefix}.precision", self.precision, PRECISIONS)
-        if self.optim.warmup_steps > self.steps:
-            raise ConfigError(
-                f"{prefix}.optim.warmup_steps: {self.optim.warmup_steps} exceeds "
-                f"{prefix}.steps {self.steps}"
-            )
-        self.optim.validate(f"{prefix}.optim")
-
-
-@dataclass
-class ParallelConfig:
-    zero_stage: int = 0
-    pp: int = 1
-    tp: int = 1
-    deepspeed: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self, prefix: str) -> None:
-        _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _positive(f"{prefix}.pp", self.pp)
-        _positive(f"{prefix}.tp", self.tp)
-        if "scheduler" in self.deepspeed:
-            raise ConfigError(
-                f"{prefix}.deepspeed.scheduler: a DeepSpeed-side scheduler would silently "
-                "replace the stage's cosine schedule; set stage.optim instead"
-            )
-        derived = ("optimizer", "train_batch_size", "gradient_accumulation_steps",
-                   "train_micro_batch_size_per_gpu", "bf16", "fp16", "gradient_clipping")
-        for key in derived:
-            if key in self.deepspeed:
-                raise ConfigError(
-                    f"{prefix}.deepspeed.{key}: derived from the stage config; set it there"
-                )
-        if "stage" in dict(self.deepspeed.get("zero_optimization") or {}):
-            raise ConfigError(f"{prefix}.deepspeed.zero_optimization.stage: set "
-                              f"{prefix}.zero_stage instead (it decides how the model is built)")
-
-
-@dataclass
-class TrackingConfig:
-    backend: str = "wandb"
-    mode: str = "offline"
-    project: str = "qwenvl-train"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    peak_tflops: float | None = None  # override the accelerator's peak for MFU
-
-    def validate(self, prefix: str) -> None:
-        _choice(f"{prefix}.backend", self.backend, ("wandb", "none"))
-        _choice(f"{prefix}.mode", self.mode, ("online", "offline", "disabled"))
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 2
-
-    def validate(self, prefix: str) -> None:
-        _positive(f"{prefix}.every_steps", self.every_steps)
-        _positive(f"{prefix}.keep_last", self.keep_last)
 
 
 @dataclass
@@ -195,18 +51,20 @@ class TrainConfig:
     nan_policy: str = "skip"
     max_consecutive_nan: int = 5
     export_at_end: bool = True
+    # Trainer callbacks to install: "pkg.module.Name" or {_target_: ..., kwargs} (callbacks.py)
+    callbacks: list[Any] = field(default_factory=list)
 
     def validate(self) -> None:
         self.stage.validate("stage")
         self.model.validate("model")
         self.data.validate("data")
-        self.parallel.validate("parallel")
+        self.parallel.validate("parallel", self.model)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
-        _choice("resume", self.resume, ("auto", "never"))
-        _choice("nan_policy", self.nan_policy, ("skip", "stop"))
-        _positive("log_every", self.log_every)
-        _positive("max_consecutive_nan", self.max_consecutive_nan, allow_zero=True)
+        choice("resume", self.resume, ("auto", "never"))
+        choice("nan_policy", self.nan_policy, ("skip", "stop"))
+        positive("log_every", self.log_every)
+        positive("max_consecutive_nan", self.max_consecutive_nan, allow_zero=True)
         if self.stage.image_size % self.model.vision.patch_size:
             raise ConfigError(
                 f"stage.image_size: {self.stage.image_size} is not a multiple of "
@@ -219,11 +77,41 @@ class TrainConfig:
                 f"({self.model.adapter.num_queries} slots + markers) and a token"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every value, defaults included (run_dir/config.json, the W&B run config)."""
+        return asdict(self)
+
+
+def validate_launch(cfg: TrainConfig, world_size: int) -> int:
+    """The checks that need the launch (world size, data on disk), still before any process
+    group starts; returns the gradient accumulation steps."""
+    # Imported here: topology imports ConfigError from this module.
+    from qwenvl_train.data.global_order import check_cover
+    from qwenvl_train.training.parallel.topology import validate_parallel
+
+    sizes = validate_parallel(cfg.parallel, world_size)
+    accum = cfg.stage.grad_accumulation_steps(sizes.dp)
+    root = Path(cfg.data.root)
+    if not any(root.rglob("*.tar")):
+        raise ConfigError(
+            f"data.root: {str(root)!r} holds no shards (*.tar); build the demo set with "
+            f"`qwenvl-data demo --out {root}`, or convert your data with `qwenvl-data "
+            "convert` (data_recipes/README.md) and point data.root at it"
+        )
+    check_cover(cfg.data.virtual_streams, sizes.dp, cfg.data.num_workers)
+    from qwenvl_train.training.elastic import check_resume  # reads a checkpoint: torch
+
+    check_resume(cfg, world_size)  # what a resume may change (README "Resuming")
+    return accum
+
 
 def to_schema(cfg: DictConfig | dict) -> TrainConfig:
     """Merge a composed config onto the schema and validate it (raises ConfigError)."""
     schema = OmegaConf.structured(TrainConfig)
     try:
+        # As plain containers: a key appended with `+` is then an unknown key here.
+        if OmegaConf.is_config(cfg):
+            cfg = OmegaConf.to_container(cfg, resolve=False)
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
         typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -240,13 +128,30 @@ def to_schema(cfg: DictConfig | dict) -> TrainConfig:
     return typed
 
 
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the Hydra config outside a Hydra app (tests, scripts)."""
+    """Compose the Hydra config outside a Hydra app (tests, scripts); a bad override
+    raises ConfigError as `to_schema` does."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(config_name="train", overrides=list(overrides or []))
+    except HydraException as e:
+        raise ConfigError(_hydra_message(e)) from None
+
+
+def _hydra_message(error: BaseException) -> str:
+    """`key: what is wrong` from the OmegaConf error under Hydra's, else Hydra's text."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            return f"{cause.full_key}: {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
+        cause = cause.__cause__ or cause.__context__
+    return str(error).strip()
 
 
 def load_config(overrides: list[str] | None = None) -> TrainConfig:

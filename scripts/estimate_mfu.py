@@ -4,7 +4,8 @@
     python scripts/estimate_mfu.py                        # qwenvl_7b, A100 bf16, 128 GPUs
     python scripts/estimate_mfu.py --device "H100" --gpus 256 --mfu 0.35 0.45
 
-Reads configs/model/<model>.yaml and configs/stage/*.yaml with OmegaConf (no Hydra). The
+Reads configs/model/<model>.yaml (as a QwenVLConfig) and configs/stage/*.yaml with OmegaConf
+(no Hydra). The
 FLOPs are `qwenvl_train.training.observe.flops.step_flops` (see its docstring for the formula).
 Assumptions, printed with the table: every row of a step is computed at full `seq_len`
 (padded or packed), unpacked rows hold one image, packed rows hold
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from qwenvl_train.model.config import QwenVLConfig  # noqa: E402
 from qwenvl_train.training.observe import flops as F  # noqa: E402
 
 CONFIGS = ROOT / "qwenvl_train" / "configs"
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packed-samples-per-row", type=int, default=4)
     args = ap.parse_args(argv)
 
-    model = OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")
+    model = QwenVLConfig.from_dict(OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml"))
     peak = F.peak_flops(args.device, args.dtype, args.peak_tflops)
     if peak is None:
         ap.error(f"no peak for {args.device!r} {args.dtype}; pass --peak-tflops")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                             segment_len=seg)
         fwd = F.forward_flops_by_part(model, st.image_size, tokens, images, seq,
                                       segment_len=seg)
-        mult = F.part_multipliers(st.trainable, model.adapter.get("post_group", "vit"))
+        mult = F.part_multipliers(st.trainable, model.adapter.post_group)
         vit_share = mult["vit"] * fwd["vit"] / step
         llm_share = mult["llm"] * fwd["llm"] / step
         adp_share = 1.0 - vit_share - llm_share  # cross-attention + ln_post/proj

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from qwenvl_train.config import ConfigError, load_config
@@ -56,13 +59,11 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 
 def test_global_batch_must_split_into_micro_batches_and_ranks():
-    from qwenvl_train.training.parallel.engine import grad_accumulation_steps
-
     cfg = load_config(["scale=demo", "stage.global_batch_size=8", "stage.micro_batch_size=4"])
-    assert grad_accumulation_steps(cfg, dp_size=1) == 2
-    assert grad_accumulation_steps(cfg, dp_size=2) == 1
+    assert cfg.stage.grad_accumulation_steps(dp_size=1) == 2
+    assert cfg.stage.grad_accumulation_steps(dp_size=2) == 1
     with pytest.raises(ConfigError, match="stage.global_batch_size"):
-        grad_accumulation_steps(cfg, dp_size=3)
+        cfg.stage.grad_accumulation_steps(dp_size=3)
 
 
 def test_cli_rejects_bad_config_before_starting(run_cli, tmp_path):
@@ -71,3 +72,53 @@ def test_cli_rejects_bad_config_before_starting(run_cli, tmp_path):
     assert proc.returncode == 2
     assert "parallel.zero_stage" in proc.stderr and "[0, 1, 2, 3]" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_stage_yamls_set_only_what_differs_from_the_optimizer_defaults():
+    import yaml
+
+    from qwenvl_train.config import CONFIG_DIR
+
+    for path in (CONFIG_DIR / "stage").glob("*.yaml"):
+        optim = yaml.safe_load(path.read_text())["optim"]
+        assert set(optim) <= {"lr", "min_lr", "warmup_steps", "vit_layer_decay"}, path.name
+    # Every schema key can be overridden, listed in a YAML or not.
+    assert load_config(["stage.optim.grad_clip=0.5"]).stage.optim.grad_clip == 0.5
+
+
+def test_launch_check_names_the_demo_command_for_an_empty_data_root(tmp_path):
+    from qwenvl_train.config import validate_launch
+
+    cfg = load_config(["scale=demo", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"data.root: .*qwenvl-data demo --out {tmp_path}"):
+        validate_launch(cfg, world_size=1)
+    (tmp_path / "caption-00000.tar").touch()
+    assert validate_launch(cfg, world_size=2) == 1  # global 4 = micro 2 x 1 x dp 2
+
+
+# Runs the CLI and reports, at exit, which heavy libraries it imported.
+_PROBE = """import atexit, sys
+heavy = ("torch", "transformers", "deepspeed")
+atexit.register(lambda: print("heavy:", [m for m in heavy if m in sys.modules]))
+from qwenvl_train.cli.train import main
+main()
+"""
+
+
+@pytest.mark.parametrize("override, returncode, says", [
+    ("stage=bogus", 1, "stage/bogus"),                   # Hydra: no such option
+    ("stage.optim.lr=abc", 1, "stage.optim.lr"),         # Hydra: the schema's type
+    ("parallel.zero_stage=7", 2, "parallel.zero_stage"),  # ours: allowed values
+    ("data.root={empty}", 2, "qwenvl-data demo --out"),   # ours: the launch check
+    ("--help", 0, "Configuration groups"),
+])
+def test_rejecting_a_config_imports_neither_torch_nor_transformers(override, returncode,
+                                                                    says, tmp_path):
+    from conftest import REPO, _env
+
+    args = [override.format(empty=tmp_path / "empty"), f"run_dir={tmp_path}/run"]
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == returncode, proc.stderr[-2000:]
+    assert says in proc.stdout + proc.stderr
+    assert "heavy: []" in proc.stdout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from workers.elastic_loader import STAGE, TASKS, cost
+from elastic_loader import STAGE, TASKS, cost
 
 from qwenvl_train.data.config import DataConfig, SourceConfig
 from qwenvl_train.data.loader import build_loader

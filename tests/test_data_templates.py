@@ -142,3 +142,16 @@ def test_real_sample_too_long():
     assert len(encode_tokens(s, "pretrain", tok, 4, 20).input_ids) == 20
     with pytest.raises(SampleError):
         encode_tokens(s, "pretrain", tok, 256, 200)  # the image span alone needs 258
+
+
+def test_plain_ocr_renders_the_full_text_with_loss():
+    """An ocr record without regions (a source without line geometry) is plain OCR."""
+    tok = get_tokenizer()
+    rec = {"task": "ocr", "source": "s", "images": [{"width": 40, "height": 20}],
+           "text": "第一行\nline two"}
+    t = encode_tokens(parse_record(rec, "k", {0}), "multitask", tok, 1, 64)
+    assert format_tokens(t.input_ids, t.labels, tok) == (
+        "<img><imgpad>x1</img>OCR:⟦ 第一行\nline two<|endoftext|>⟧")
+    both = {**rec, "regions": [{"text": "a", "box": [0, 0, 5, 5]}]}
+    with pytest.raises(SampleError, match="not both"):
+        parse_record(both, "k", {0})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from qwenvl_train.model import QwenVLConfig, build_model
-from qwenvl_train.model.groups import ADAPTER_POST_PREFIXES
+from qwenvl_train.model.config import QwenVLConfig
+from qwenvl_train.model.groups import PARTS, part_of
+from qwenvl_train.model.qwenvl import build_model
 
 
 def test_qwenvl_7b_meta_counts():
@@ -14,13 +15,10 @@ def test_qwenvl_7b_meta_counts():
     # Released layout = every tensor of the checkpoint, incl. the sin-cos buffer pos_embed.
     tensors = model.state_dict(keep_vars=True)
 
-    def count(pred) -> int:
-        return sum(t.numel() for k, t in tensors.items() if pred(k))
+    def count(part: str) -> int:
+        return sum(t.numel() for k, t in tensors.items() if part_of(k) == part)
 
-    vit = count(lambda k: k.startswith("vit."))
-    post = count(lambda k: k.startswith(ADAPTER_POST_PREFIXES))
-    adapter = count(lambda k: k.startswith("adapter.")) - post
-    llm = count(lambda k: k.startswith("llm."))
+    vit, adapter, post, llm = (count(p) for p in PARTS)  # post = ln_post + proj
     total = vit + adapter + post + llm
     print(f"\n[7B counts] ViT trunk {vit:,} ({vit / 1e9:.3f}B); adapter cross-attention "
           f"{adapter:,} ({adapter / 1e9:.3f}B); ln_post+proj {post:,}; LLM {llm:,} "

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qwenvl_train.config import ParallelConfig
 from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.training.observe import flops
+from qwenvl_train.training.parallel.config import ParallelConfig
 from qwenvl_train.training.parallel.partition import balanced_parts, plan_split
 from qwenvl_train.training.parallel.topology import ParallelSizes, validate_parallel
 
@@ -21,14 +21,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "qwenvl_train" / "configs"
 Q7B = QwenVLConfig.from_dict(OmegaConf.load(CONFIGS / "model" / "qwenvl_7b.yaml"))
 
 
-def _par(pp=1, tp=1, zero=1) -> dict:
-    return {"pp": pp, "tp": tp, "zero_stage": zero, "deepspeed": {}}
+def _par(pp=1, tp=1, zero=1) -> ParallelConfig:
+    return ParallelConfig(pp=pp, tp=tp, zero_stage=zero)
+
+
+def launch_sizes(par: ParallelConfig, world: int, model: QwenVLConfig = Q7B) -> ParallelSizes:
+    """What a launch checks: the config's rules (to_schema), then the world size."""
+    par.validate("parallel", model)
+    return validate_parallel(par, world)
 
 
 def test_valid_layouts_give_sizes():
-    assert validate_parallel(_par(2, 2), 8, Q7B) == ParallelSizes(pp=2, tp=2, dp=2)
-    assert validate_parallel(_par(1, 1, zero=3), 4, Q7B) == ParallelSizes(1, 1, 4)
-    assert validate_parallel(_par(1, 2, zero=2), 2, Q7B).dp == 1
+    assert launch_sizes(_par(2, 2), 8) == ParallelSizes(pp=2, tp=2, dp=2)
+    assert launch_sizes(_par(1, 1, zero=3), 4) == ParallelSizes(1, 1, 4)
+    assert launch_sizes(_par(1, 2, zero=2), 2).dp == 1
 
 
 @pytest.mark.parametrize("par, world, key", [
@@ -43,22 +49,22 @@ def test_valid_layouts_give_sizes():
 ])
 def test_invalid_layouts_name_the_key(par, world, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        validate_parallel(par, world, Q7B)
+        launch_sizes(par, world)
 
 
 def test_tp_must_divide_kv_heads_and_vit_heads():
     cfg = copy.deepcopy(Q7B)
     cfg.llm.num_kv_heads = 4
     with pytest.raises(ValueError, match=r"model\.llm\.num_kv_heads"):
-        validate_parallel(_par(tp=8), 8, cfg)
+        launch_sizes(_par(tp=8), 8, cfg)
     with pytest.raises(ValueError, match=r"model\.vision\.heads"):  # ViT-bigG has 16 heads
-        validate_parallel(_par(tp=32), 32, Q7B)
+        launch_sizes(_par(tp=32), 32)
 
 
 def test_tied_embeddings_rejected_with_pipeline():
-    tied = {"llm": {"tie_word_embeddings": True, "num_layers": 4}}
+    tied = QwenVLConfig.from_dict({"llm": {"tie_word_embeddings": True, "num_layers": 4}})
     with pytest.raises(ValueError, match=r"tie_word_embeddings"):
-        validate_parallel(_par(pp=2), 2, tied)
+        launch_sizes(_par(pp=2), 2, tied)
 
 
 @pytest.mark.parametrize("name", ["pp2", "tp2", "pp2_tp2", "pp4", "pp8"])
@@ -67,9 +73,8 @@ def test_parallel_config_files(name):
     single = OmegaConf.load(CONFIGS / "parallel" / "single.yaml")
     assert set(raw) == set(single)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ParallelConfig), raw))
-    cfg.validate("parallel")
     world = cfg.pp * cfg.tp * 2
-    assert validate_parallel(cfg, world, Q7B).dp == 2
+    assert launch_sizes(cfg, world).dp == 2
 
 
 def test_balanced_parts_is_optimal():

@@ -115,3 +115,69 @@ def _tar_bytes(samples: list[dict[str, bytes]]) -> bytes:
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _photo_jpeg(size=(640, 480)) -> bytes:
+    """A JPEG with detail (a gradient under noise), so most of its bytes are entropy-coded
+    data: cutting it leaves a valid header and a truncated scan."""
+    noise = Image.effect_noise(size, 80).convert("RGB")
+    gradient = Image.linear_gradient("L").resize(size).convert("RGB")
+    buf = io.BytesIO()
+    Image.blend(gradient, noise, 0.4).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_truncated_jpeg_is_a_bad_image(tmp_path):
+    good = _photo_jpeg()
+    cut = good[: len(good) * 6 // 10]
+    with Image.open(io.BytesIO(cut)) as im:
+        im.verify()  # the old check: a truncated JPEG passes it
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "train2017" / "1.jpg").write_bytes(good)
+    (tmp_path / "train2017" / "2.jpg").write_bytes(cut)
+    ann = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+           "annotations": [{"id": 10, "image_id": 1, "caption": "noise"},
+                           {"id": 20, "image_id": 2, "caption": "cut noise"}]}
+    (tmp_path / "annotations").mkdir()
+    src = tmp_path / "annotations" / "captions_train2017.json"
+    src.write_text(json.dumps(ann))
+    m = run_conversion(CocoCaptions(str(src)), tmp_path / "out")
+    assert m["num_samples"] == 1 and m["skipped"] == {"bad_image": 1}
+    assert list(read_samples(str(tmp_path / "out"))) == ["coco10"]
+    [problem] = map(json.loads, (tmp_path / "out" / "coco_captions-problems.jsonl")
+                    .read_text().splitlines())
+    assert problem["key"] == "coco20" and problem["reason"] == "bad_image"
+    assert "2.jpg" in problem["detail"] and "truncated" in problem["detail"]
+
+    src = tmp_path / "laion"
+    src.mkdir()
+    _tar(src / "00000.tar", [_sample("a", jpg=good), _sample("b", jpg=cut)])
+    m = run_conversion(Img2Dataset(str(src)), tmp_path / "wds")
+    assert m["num_samples"] == 1 and m["skipped"] == {"bad_image": 1}
+    assert m["problem_examples"] == {"bad_image": ["b"]}
+
+
+def test_img2dataset_unreadable_metadata_is_kept_and_reported(tmp_path, caplog):
+    src = tmp_path / "laion"
+    src.mkdir()
+    samples = [_sample("000000000"),
+               _sample("000000001", json=b'{"url": "http://x/1.jpg", "caption": "a dog'),
+               _sample("000000002", json=b"[1, 2]")]
+    no_txt = _sample("000000003", json=b"\xff\xfe")
+    del no_txt["txt"]  # no caption of its own
+    _tar(src / "00000.tar", [*samples, no_txt])
+    with caplog.at_level("WARNING", logger="data_recipes.runner"):
+        m = run_conversion(Img2Dataset(str(src)), tmp_path / "out")
+    assert m["num_samples"] == 3  # the caption and image are good: the record lacks nothing
+    assert m["kept_with_problems"] == {"bad_metadata": 2}
+    assert m["skipped"] == {"bad_metadata": 1}  # its caption would have come from the json
+    got = read_samples(str(tmp_path / "out"))
+    assert got["000000001"][0]["caption"] == "a dog on a beach"
+    problems = [json.loads(line) for line in
+                (tmp_path / "out" / "img2dataset-problems.jsonl").read_text().splitlines()]
+    assert [(p["key"], p["reason"], p["kept"]) for p in problems] == [
+        ("000000001", "bad_metadata", True), ("000000002", "bad_metadata", True),
+        ("000000003", "bad_metadata", False)]
+    assert "000000001.json" in problems[0]["detail"]
+    assert "kept 000000001 (bad_metadata" in caplog.text
+    assert "skipped 000000003 (bad_metadata" in caplog.text

@@ -146,3 +146,93 @@ def test_grit_webdataset_tar(tmp_path):
     rec, ims = read_samples(str(tmp_path / "out"))["000373938"]
     assert rec["spans"][0] == {"start": 0, "end": 14, "boxes": [[9.2, 0.0, 90.8, 35.3]]}
     assert ims == [members["000373938.jpg"]]
+
+
+def _refer_layout(tmp_path):
+    """The refer toolkit's data/ folder: refcoco/{refs(unc).p,instances.json} and the COCO
+    images under images/mscoco/images/train2014/."""
+    (tmp_path / "refer" / "data").mkdir(parents=True)
+    root, images = _refcoco(tmp_path / "refer" / "data")
+    coco = tmp_path / "refer" / "data" / "images" / "mscoco" / "images" / "train2014"
+    coco.mkdir(parents=True)
+    for f in images.iterdir():
+        f.rename(coco / f.name)
+    return root
+
+
+def test_refcoco_finds_images_in_the_refer_layout_and_converts_several_splits(
+        tmp_path, monkeypatch):
+    _refer_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    src = "refer/data/refcoco/refs(unc).p"  # relative, as a user types it
+    m = run_conversion(RefCOCO(src), tmp_path / "train")
+    assert m["num_samples"] == 1 and m["skipped"] == {"empty_box": 1}
+    m = run_conversion(RefCOCO(src, split="train,testA"), tmp_path / "two")
+    assert m["num_samples"] == 2 and m["skipped"] == {"empty_box": 1}
+    assert sorted(read_samples(str(tmp_path / "two"))) == ["ref0", "ref1"]
+    m = run_conversion(RefCOCO(src, split="all", task="grounded_caption"), tmp_path / "all")
+    assert m["num_samples"] == 3  # two sentences of ref0, one of ref1
+    with pytest.raises(ValueError, match="split val not in .*it has testA,train"):
+        run_conversion(RefCOCO(src, split="train,val"), tmp_path / "val")
+    with pytest.raises(FileNotFoundError, match=r"image folder .*mscoco/images/train2014 "
+                                                r"\(the default for the refer toolkit"):
+        RefCOCO(str(tmp_path / "elsewhere" / "refcoco" / "refs(unc).p"))
+
+
+def test_refcoco_cli_names_a_missing_image_folder(tmp_path, capsys):
+    from data_recipes.cli import main
+
+    root, _ = _refcoco(tmp_path)  # images not where the refer toolkit keeps them
+    rc = main(["convert", "refcoco", "--src", str(root / "refs(unc).p"), "--out",
+               str(tmp_path / "out"), "--split", "train,testA"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mscoco/images/train2014" in err and "--image-root" in err
+    rc = main(["convert", "refcoco", "--src", str(root / "refs(unc).p"), "--out",
+               str(tmp_path / "out"), "--split", "train,testA",
+               "--image-root", str(tmp_path / "train2014")])
+    assert rc == 0 and len(read_samples(str(tmp_path / "out"))) == 2
+
+
+# GRIT's referring expressions overlap: an expression contains its noun chunk, expressions
+# share words. "a wire hanger with a paper cover that reads we heart our customers"
+OVERLAPPING = {**ROW, "ref_exps": [
+    [0, 32, 0.092, 0.0, 0.908, 0.706, 0.477],   # a wire hanger with a paper cover
+    [0, 14, 0.092, 0.0, 0.908, 0.706, 0.477],   # a wire hanger (inside the first)
+    [19, 66, 0.177, 0.196, 0.816, 0.656, 0.391],  # a paper cover ... our customers
+    [19, 32, 0.177, 0.196, 0.816, 0.656, 0.391],  # a paper cover (inside both)
+], "noun_chunks": [*ROW["noun_chunks"], [2, 14, 0.1, 0.1, 0.9, 0.7, 0.5]]}  # "wire hanger"
+
+
+def test_grit_overlapping_expressions_all_reach_ref_grounding(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "000373938.jpg").write_bytes(_jpeg((200, 100)))
+    pq.write_table(pa.Table.from_pylist([OVERLAPPING]), tmp_path / "grit.parquet")
+    src, img = str(tmp_path / "grit.parquet"), str(tmp_path / "images")
+    counts = {}
+    for task in ("ref_grounding", "grounding", "grounded_caption"):
+        run_conversion(GRIT(src, image_root=img, task=task), tmp_path / task)
+        rec = read_samples(str(tmp_path / task))["000373938"][0]
+        counts[task] = len(rec.get("refs") or rec.get("spans"))
+        if task == "ref_grounding":
+            assert [r["expression"] for r in rec["refs"]] == [
+                "a wire hanger", "a wire hanger with a paper cover", "a paper cover",
+                "a paper cover that reads we heart our customers"]
+        if task == "grounded_caption":  # one caption: its spans stay disjoint
+            assert [(s["start"], s["end"]) for s in rec["spans"]] == [(0, 14), (19, 32),
+                                                                        (53, 66)]
+    # every expression; every noun chunk (also the one inside another); disjoint spans
+    assert counts == {"ref_grounding": 4, "grounding": 4, "grounded_caption": 3}
+
+
+def test_grit_row_image_paths_are_relative_to_the_table(tmp_path, monkeypatch):
+    data = tmp_path / "grit"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.jpg").write_bytes(_jpeg((200, 100)))
+    row = {**ROW, "key": None, "file_name": "images/a.jpg"}
+    pq.write_table(pa.Table.from_pylist([row]), data / "part-0.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory plays no part
+    m = run_conversion(GRIT(str(data)), tmp_path / "out")
+    assert m["num_samples"] == 1 and m["skipped"] == {}
+    assert list(read_samples(str(tmp_path / "out"))) == ["row000000000"]

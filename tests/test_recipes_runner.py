@@ -116,3 +116,67 @@ def test_iter_array_with_tiny_buffers(tmp_path, monkeypatch):
     assert list(js.iter_records(tmp_path / "o.json")) == [{"x": 1}, [2]]
     with pytest.raises(KeyError):
         list(js.iter_array(path, "nope"))
+
+
+def test_changed_input_is_converted_again(tmp_path, caplog):
+    src = Path(_corpus(tmp_path, 12))
+    out = tmp_path / "out"
+    run_conversion(TextJSONL(str(src)), out, max_samples=4)
+    # New contents: the rerun must not keep the shards of the old ones.
+    src.write_text("".join(json.dumps({"text": f"changed {i}"}) + "\n" for i in range(6)))
+    with caplog.at_level("INFO", logger="data_recipes.runner"):
+        m = run_conversion(TextJSONL(str(src)), out, max_samples=4)
+    assert "input changed since it was converted" in caplog.text and str(src) in caplog.text
+    ref = run_conversion(TextJSONL(str(src)), tmp_path / "ref", max_samples=4)
+    assert _digest(out) == _digest(tmp_path / "ref") and len(_digest(out)) == 2
+    assert m == ref and m["num_samples"] == 6
+    assert sorted(p.name for p in (out / ".text-progress").glob("unit-*")) == [
+        "unit-00000-problems.jsonl", "unit-00000.json", "unit-00001-problems.jsonl",
+        "unit-00001.json"]  # units 2 (gone from the source) removed with their shards
+    assert {r[0]["text"] for r in read_samples(str(out)).values()} == {
+        f"changed {i}" for i in range(6)}
+
+
+def _wds_tar(path: Path, keys: list[str]) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w") as tf:
+        for key in keys:
+            buf = io.BytesIO()
+            Image.new("RGB", (80, 80), (len(key), 9, 9)).save(buf, "JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_only_the_units_of_a_changed_tar_are_redone(tmp_path):
+    from data_recipes.img2dataset import Img2Dataset
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    _wds_tar(src / "00000.tar", ["a", "b"])
+    _wds_tar(src / "00001.tar", ["c"])
+    out = tmp_path / "out"
+    run_conversion(Img2Dataset(str(src)), out)
+    first = (out / "img2dataset-00000-00000.tar").stat().st_mtime_ns
+    _wds_tar(src / "00001.tar", ["c", "d"])
+    m = run_conversion(Img2Dataset(str(src)), out)
+    assert (out / "img2dataset-00000-00000.tar").stat().st_mtime_ns == first  # untouched
+    assert m["num_samples"] == 4 and sorted(read_samples(str(out))) == ["a", "b", "c", "d"]
+    (src / "00001.tar").unlink()
+    m = run_conversion(Img2Dataset(str(src)), out)
+    assert m["num_samples"] == 2 and sorted(p.name for p in out.glob("*.tar")) == [
+        "img2dataset-00000-00000.tar"]
+
+
+def test_missing_inputs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        run_conversion(TextJSONL(str(tmp_path / "nope.jsonl")), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"no input files"):
+        run_conversion(TextJSONL(str(tmp_path / "*.jsonl")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+

@@ -161,3 +161,20 @@ def test_vqa_table_parquet_with_image_bytes_and_jsonl_with_paths(tmp_path):
     [(rec, ims)] = read_samples(str(tmp_path / "c")).values()
     assert rec["qa"] == [{"question": "Which year is highest?", "answer": "2019"}]
     assert ims == [_jpeg()]
+
+
+def test_vqa_table_image_paths_are_relative_to_the_table(tmp_path, monkeypatch):
+    from data_recipes.vqa import VQATable
+
+    data = tmp_path / "chartqa"
+    (data / "png").mkdir(parents=True)
+    (data / "png" / "a.jpg").write_bytes(_jpeg())
+    (data / "train.jsonl").write_text(json.dumps(
+        {"image": "png/a.jpg", "question": "Highest?", "answers": ["2019"]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory plays no part
+    m = run_conversion(VQATable(str(data / "train.jsonl")), tmp_path / "out")
+    assert m["num_samples"] == 1 and m["skipped"] == {}
+    [(rec, ims)] = read_samples(str(tmp_path / "out")).values()
+    assert rec["qa"] == [{"question": "Highest?", "answer": "2019"}] and ims == [_jpeg()]

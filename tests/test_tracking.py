@@ -10,10 +10,10 @@ import pytest
 
 from qwenvl_train.training.observe import progress as progress_mod
 from qwenvl_train.training.observe import tracking
+from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.observe.tracking import RUN_ID_FILE, ThroughputMeter, Tracker
 
-OFFLINE = NS(backend="wandb", mode="offline", project="qwenvl-test", entity=None, name=None,
-             tags=["test"])
+OFFLINE = TrackingConfig(backend="wandb", mode="offline", project="qwenvl-test", tags=["test"])
 
 
 @pytest.fixture(autouse=True)
@@ -107,13 +107,13 @@ def test_other_ranks_do_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
 
 def test_disabled_backend_writes_nothing(tmp_path: Path) -> None:
-    cfg = NS(backend="none", mode="disabled", project="p")
+    cfg = TrackingConfig(backend="none", mode="disabled", project="p")
     tracker = Tracker.create(cfg, tmp_path, {}, rank=0, total_steps=1, stream=io.StringIO())
     tracker.log(1, {"loss": 1.0})
     tracker.close()
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="allowed"):
-        Tracker.create(NS(backend="tensorboard", mode="offline"), tmp_path, {}, rank=0)
+    with pytest.raises(ValueError, match="allowed"):  # checked once, by the config
+        TrackingConfig(backend="tensorboard", mode="offline").validate("tracking")
 
 
 def test_non_tty_progress_lines_have_eta(monkeypatch: pytest.MonkeyPatch) -> None:

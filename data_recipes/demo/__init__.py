@@ -22,6 +22,7 @@ from typing import Any
 
 from data_recipes.common import Converted
 from data_recipes.demo import chat, documents, photos, scenes, vqa
+from data_recipes.demo.assets import require_demo_packages
 
 # Samples per task. Full: enough for a falling loss over ~30-60 steps of a tiny model.
 FULL = {"caption": 315, "vqa": 300, "grounding": 240, "ref_grounding": 300,
@@ -62,7 +63,9 @@ def _write_task(task: str, samples: list[Converted], out: Path) -> dict[str, Any
 
 
 def build_demo(out_dir: str | Path, small: bool = False) -> dict[str, Any]:
-    """Write the demo shards into `out_dir`; returns the manifest (also `manifest.json`)."""
+    """Write the demo shards into `out_dir`; returns the manifest (also `manifest.json`).
+    Without the packages of the `demo` extra: a ModuleNotFoundError that names them."""
+    require_demo_packages()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = SMALL if small else FULL

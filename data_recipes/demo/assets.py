@@ -12,6 +12,21 @@ from importlib.util import find_spec
 from PIL import Image, ImageFont
 
 JPEG_QUALITY = 90  # fixed: the demo must be byte-identical on every build
+# Import name -> the package (of the `demo` extra) whose shipped files the demo is built
+# from. All are needed: with fewer the set would differ from build to build of the project.
+DEMO_PACKAGES = {"skimage": "scikit-image", "sklearn": "scikit-learn",
+                 "matplotlib": "matplotlib", "easy_vqa": "easy-vqa"}
+INSTALL_DEMO = "pip install 'qwenvl-train[demo]'"
+
+
+def require_demo_packages() -> None:
+    """A ModuleNotFoundError naming every missing package and the extra to install."""
+    missing = [dist for module, dist in DEMO_PACKAGES.items() if find_spec(module) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"the demo data set is built from files that ship in {', '.join(missing)}, "
+            f"which {'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_DEMO}",
+            name=missing[0])
 
 
 def package_file(package: str, *parts: str) -> str | None:

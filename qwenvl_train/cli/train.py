@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m qwenvl_train.cli.train stage=multitask model=qwenvl_7b
 
 The composed config is validated (schema, allowed values, batch arithmetic, parallel
-layout) before any process group starts.
+layout, data on disk) before any process group starts; up to there nothing imports torch.
 """
 
 from __future__ import annotations
@@ -14,21 +14,10 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
-
-
-def validate_launch(cfg: TrainConfig) -> None:
-    """Checks that need the world size, still before distributed init."""
-    from qwenvl_train.training.elastic import check_resume
-    from qwenvl_train.training.parallel.engine import grad_accumulation_steps
-    from qwenvl_train.training.parallel.topology import validate_parallel
-
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    sizes = validate_parallel(cfg.parallel, world, cfg.model)
-    grad_accumulation_steps(cfg, sizes.dp)
-    check_resume(cfg, world)  # virtual streams cover the readers; what a resume may change
+from qwenvl_train.config import CONFIG_DIR, ConfigError, to_schema, validate_launch
+from qwenvl_train.training.callbacks import load_callbacks
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
@@ -40,13 +29,14 @@ def _app(raw: DictConfig) -> None:
     )
     try:
         cfg = to_schema(raw)
-        validate_launch(cfg)
+        validate_launch(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        callbacks = load_callbacks(cfg.callbacks)
     except ConfigError as e:
         print(f"qwenvl-train: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
     from qwenvl_train.training.run import run
 
-    run(cfg, OmegaConf.to_container(raw, resolve=True))
+    run(cfg, callbacks)
 
 
 def main() -> None:

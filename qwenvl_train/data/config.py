@@ -21,7 +21,6 @@ class SourceConfig:
 class DataConfig:
     name: str = "demo"
     root: str = "demo_data"
-    build_demo_if_missing: bool = True
     # name -> source. Sources a stage template cannot use (per the shard manifests) are
     # dropped for that stage and the remaining weights renormalised. Empty: one source
     # "all" = every .tar under root. (Empty by default because OmegaConf merges dicts key

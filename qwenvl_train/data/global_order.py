@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwenvl_train.checks import ConfigError
+
 
 @dataclass(frozen=True)
 class GlobalOrder:
@@ -61,13 +63,14 @@ class GlobalOrder:
 
 def check_cover(virtual_streams: int, dp_size: int, workers: int, *,
                 key: str = "data.virtual_streams") -> None:
-    """Every reader (dp rank x loader worker) needs at least one virtual stream."""
+    """Every reader (dp rank x loader worker) needs at least one virtual stream; raises
+    ConfigError (a ValueError) naming the numbers."""
     readers = dp_size * max(1, workers)
     if virtual_streams >= readers:
         return
     fix = (f"data.num_workers <= {virtual_streams // dp_size}" if virtual_streams >= dp_size
            else f"at most {virtual_streams} data-parallel ranks")
-    raise ValueError(
+    raise ConfigError(
         f"{key}={virtual_streams} cannot be dealt to dp={dp_size} x {max(1, workers)} loader "
         f"worker(s) = {readers} readers: each needs at least one virtual stream. Use {fix}, "
         f"or start a new run with {key} >= {readers} (a multiple of every dp x workers you "

@@ -221,6 +221,10 @@ def parse_fields(task: str, rec: dict, sizes: list[tuple[int, int]]) -> dict[str
                 raise bad("spans overlap")
         return {"caption": cap, "spans": spans}
     if task == "ocr":
+        if "regions" not in rec:  # plain OCR: image -> its full text
+            return {"text": string(rec.get("text"), "text (an ocr record without regions)")}
+        if "text" in rec:
+            raise bad("an ocr record has regions or a full text, not both")
         regions = []
         for i, r in enumerate(_list(rec.get("regions"), "regions")):
             if not isinstance(r, dict):

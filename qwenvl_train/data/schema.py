@@ -110,7 +110,11 @@ class Region:
 
 @dataclass
 class OCRSample(Sample):
+    """Text regions with geometry, or (no regions) the image's full text: plain OCR, for
+    sources that carry no line positions (e.g. stock SynthDoG)."""
+
     regions: list[Region] = field(default_factory=list)
+    text: str = ""
 
 
 @dataclass

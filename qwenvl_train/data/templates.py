@@ -19,6 +19,7 @@ ends with a loss-bearing `<|endoftext|>`. `<img>..</img>` opens every image task
 | ref_grounding    | `<ref>{expression}</ref>`                         | `<box>..</box>`... |
 | grounded_caption | `Generate the caption in English with grounding:` | ` {caption*}`      |
 | ocr              | `OCR with grounding:`                             | ` {regions*}`      |
+| ocr (plain)      | `OCR:`                                            | ` {text}`          |
 | text             | (none)                                            | `{text}` (all)     |
 
 caption*: each grounded span becomes `<ref>{span}</ref><box>..</box>`.
@@ -77,6 +78,7 @@ PROMPTS = {
     "vqa": "{question} Answer:",
     "grounded_caption": "Generate the caption in English with grounding:",
     "ocr": "OCR with grounding:",
+    "ocr_text": "OCR:",  # plain OCR (no geometry in the source)
 }
 
 
@@ -154,6 +156,9 @@ def _multitask_answer(s: Sample, p: list[Piece]) -> None:
             pos = sp.end
         segs.append(s.caption[pos:])
         _add(p, _merge_text(segs), True)
+    elif isinstance(s, OCRSample) and not s.regions:
+        _add(p, [PROMPTS["ocr_text"]], False)
+        _add(p, [" " + s.text], True)
     elif isinstance(s, OCRSample):
         _add(p, [PROMPTS["ocr"]], False)
         segs = []

@@ -103,6 +103,11 @@ class QwenVLTokenizer:
             ids = [i for i in ids if i < FIRST_SPECIAL_ID]
         return self._enc.decode(list(ids), errors="replace")
 
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The UTF-8 bytes of `ids` (special tokens as their strings). A token may hold part
+        of a character: a streaming printer feeds these to an incremental UTF-8 decoder."""
+        return self._enc.decode_bytes(list(ids))
+
     def decode_tokens(self, ids: list[int]) -> list[str]:
         """One string per id (for inspection); partial UTF-8 bytes are shown escaped."""
         return [self._enc.decode_single_token_bytes(i).decode("utf-8", "backslashreplace")

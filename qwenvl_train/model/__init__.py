@@ -1,31 +1,7 @@
-"""The Qwen-VL model: ViT -> position-aware adapter -> Qwen LLM, and its weight I/O."""
+"""The Qwen-VL model: ViT -> position-aware adapter -> Qwen LLM, and its weight I/O.
 
-from qwenvl_train.model.config import (
-    AdapterConfig,
-    GradCkptConfig,
-    LLMConfig,
-    QwenVLConfig,
-    VisionConfig,
-    WeightsConfig,
-)
-from qwenvl_train.model.qwenvl import QwenVL, QwenVLOutput, build_model
-from qwenvl_train.model.weights import (
-    export_consolidated,
-    load_consolidated,
-    load_init_weights,
-)
-
-__all__ = [
-    "AdapterConfig",
-    "GradCkptConfig",
-    "LLMConfig",
-    "QwenVL",
-    "QwenVLConfig",
-    "QwenVLOutput",
-    "VisionConfig",
-    "WeightsConfig",
-    "build_model",
-    "export_consolidated",
-    "load_consolidated",
-    "load_init_weights",
-]
+config.py (torch-free sizes and their validation), vision.py, adapter.py, qwenvl.py
+(`QwenVL`, `build_model`), groups.py (the module-group registry), weights.py (import and
+export). Import from the submodules: importing the package stays light, so validating a
+config does not load torch or transformers.
+"""

@@ -11,10 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenvl_train.model.groups import ADAPTER, VIT
 from qwenvl_train.tokens import IMG_PAD_ID
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-POST_GROUPS = ("vit", "adapter")
+POST_GROUPS = (VIT, ADAPTER)  # where adapter.ln_post/proj may belong (groups.py)
 
 
 def _err(prefix: str, key: str, msg: str) -> ValueError:

@@ -6,6 +6,10 @@ Import (each copies into an already built `QwenVL`, checking every name and shap
   released Qwen-VL / Qwen-VL-Chat checkpoint    -> vit, adapter, llm
 Export: `model.safetensors` (our names) + `config.json` (QwenVLConfig) + `llm/` as a plain
 transformers directory.
+Our side of every mapping is the registry's names (`groups.py`, as seen inside each group's
+module: `groups.local`); the source layouts' names are written here. ViT block internals
+(ln_1, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj) are named alike in OpenCLIP, the released
+model and ours, and copy unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qwenvl_train.model import groups as G
 from qwenvl_train.model.config import QwenVLConfig, WeightsConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,9 @@ StateDict = dict[str, torch.Tensor]
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                  "open_clip_pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Names inside `model.llm` (a transformers causal LM) of the vocabulary-sized tensors.
+_LLM_EMBED_W = f"{G.local(G.LLM_EMBED)}.weight"
+_LLM_HEAD_W = f"{G.local(G.LLM_HEAD)}.weight"
 
 
 # ---- reading checkpoints ----------------------------------------------------------------
@@ -70,17 +78,17 @@ def convert_openclip_vit(sd: Mapping[str, torch.Tensor], heads: int) -> StateDic
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-saved checkpoints
     prefix = "visual." if any(k.startswith("visual.") for k in sd) else ""
     src = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    out = {"conv1.weight": src["conv1.weight"],
-           "positional_embedding": src["positional_embedding"][1:]}  # row 0 = CLS position
+    out = {f"{G.local(G.VIT_PATCH_EMBED)}.weight": src["conv1.weight"],
+           G.local(G.VIT_POSITIONS): src["positional_embedding"][1:]}  # row 0 = CLS position
     for key, value in src.items():
         if not key.startswith("transformer.resblocks."):
             if key.startswith("ln_pre."):
-                out[key] = value
+                out[G.local(G.VIT_LN_PRE) + key[len("ln_pre"):]] = value
             continue
-        name = key.replace("transformer.resblocks.", "blocks.")
-        if name.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
-            name = name.replace("in_proj_weight", "in_proj.weight").replace(
-                "in_proj_bias", "in_proj.bias")
+        name = key.replace("transformer.resblocks.", G.local(G.VIT_BLOCKS) + ".")
+        if ".attn.in_proj_" in name:  # nn.MultiheadAttention's fused [Q; K; V] weight/bias
+            block, _, param = name.partition(".attn.in_proj_")
+            name = f"{block}.{G.VIT_BLOCK.qkv}.{param}"
             value = qkv_to_per_head(value, heads)
         out[name] = value
     return out
@@ -89,29 +97,31 @@ def convert_openclip_vit(sd: Mapping[str, torch.Tensor], heads: int) -> StateDic
 def convert_qwen_v1_llm(sd: Mapping[str, torch.Tensor], prefix: str = "transformer.") -> StateDict:
     """Qwen (v1) decoder -> Qwen2 names (relative to `llm.`). v1's MLP is
     c_proj(w1(x) * silu(w2(x))): w2 is the gated branch (gate_proj), w1 the linear one."""
-    rename = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm",
-              "attn.c_proj": "self_attn.o_proj", "mlp.w1": "mlp.up_proj",
-              "mlp.w2": "mlp.gate_proj", "mlp.c_proj": "mlp.down_proj"}
+    layer_names = G.LLM_LAYER
+    rename = {"ln_1": layer_names.attn_norm, "ln_2": layer_names.mlp_norm,
+              "attn.c_proj": layer_names.o, "mlp.w1": layer_names.up,
+              "mlp.w2": layer_names.gate, "mlp.c_proj": layer_names.down}
     out: StateDict = {}
     for key, value in sd.items():
         if not key.startswith(prefix) or key.startswith(prefix + "visual."):
             continue
         key = key[len(prefix):]
         if key == "wte.weight":
-            out["model.embed_tokens.weight"] = value
+            out[_LLM_EMBED_W] = value
         elif key.startswith("ln_f."):
-            out["model.norm." + key[len("ln_f."):]] = value
+            out[f"{G.local(G.LLM_NORM)}.{key[len('ln_f.'):]}"] = value
         elif key.startswith("h."):
             _, layer, rest = key.split(".", 2)
-            base = f"model.layers.{layer}."
+            base = f"{G.local(G.llm_layer(int(layer)))}."
             module, param = rest.rsplit(".", 1)
             if module == "attn.c_attn":  # fused [Q | K | V] rows, with bias
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3), strict=True):
-                    out[f"{base}self_attn.{name}.{param}"] = part
+                qkv = (layer_names.q, layer_names.k, layer_names.v)
+                for name, part in zip(qkv, value.chunk(3), strict=True):
+                    out[f"{base}{name}.{param}"] = part
             else:
                 out[f"{base}{rename[module]}.{param}"] = value
     if "lm_head.weight" in sd:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        out[_LLM_HEAD_W] = sd["lm_head.weight"]
     return out
 
 
@@ -119,18 +129,20 @@ def convert_released_visual(sd: Mapping[str, torch.Tensor], prefix: str = "trans
                             ) -> tuple[StateDict, StateDict]:
     """Released `transformer.visual.*` -> (vit, adapter) state dicts in our names. The ViT
     in_proj is already per-head grouped, so everything copies 1:1."""
+    post = {"ln_post": G.local(G.ADAPTER_LN_POST), "proj": G.local(G.ADAPTER_PROJ)}
     vit: StateDict = {}
     adapter: StateDict = {}
     for key, value in sd.items():
         if not key.startswith(prefix):
             continue
         key = key[len(prefix):]
-        if key.startswith("attn_pool."):
-            adapter[key[len("attn_pool."):]] = value
-        elif key.startswith(("ln_post.", "proj")):
-            adapter[key] = value
+        module, dot, rest = key.partition(".")
+        if module == "attn_pool":  # the resampler: the adapter's names are the released ones
+            adapter[rest] = value
+        elif module in post:
+            adapter[post[module] + dot + rest] = value
         else:
-            vit[key.replace("transformer.resblocks.", "blocks.")] = value
+            vit[key.replace("transformer.resblocks.", G.local(G.VIT_BLOCKS) + ".")] = value
     return vit, adapter
 
 
@@ -189,24 +201,25 @@ def load_into(targets: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor
         _copy_(dst, src)
 
 
-_VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+_VOCAB_KEYS = (_LLM_EMBED_W, _LLM_HEAD_W)
 
 
 def _llm_state(sd: Mapping[str, torch.Tensor], llm: nn.Module) -> StateDict:
     if any(k.startswith("transformer.h.") for k in sd):
         out = convert_qwen_v1_llm(sd)
-    else:
-        out = {k: v for k, v in sd.items() if k.startswith(("model.", "lm_head."))}
-    if "lm_head.weight" not in out:  # a tied checkpoint (small Qwen2) into an untied model
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    else:  # a transformers directory: our LLM's own names
+        ours = (G.local(G.LLM_BASE) + ".", G.local(G.LLM_HEAD) + ".")
+        out = {k: v for k, v in sd.items() if k.startswith(ours)}
+    if _LLM_HEAD_W not in out:  # a tied checkpoint (small Qwen2) into an untied model
+        out[_LLM_HEAD_W] = out[_LLM_EMBED_W]
     if getattr(llm.config, "tie_word_embeddings", False):
-        out.pop("lm_head.weight")  # shared with the embedding; loaded once
+        out.pop(_LLM_HEAD_W)  # shared with the embedding; loaded once
     return out
 
 
 def _llm_targets(llm: nn.Module) -> dict[str, torch.Tensor]:
     tied = getattr(llm.config, "tie_word_embeddings", False)
-    return tensors_of(llm, skip=("lm_head.weight",) if tied else ())
+    return tensors_of(llm, skip=(_LLM_HEAD_W,) if tied else ())
 
 
 def load_vit_openclip(model: nn.Module, path: str | Path) -> None:
@@ -225,8 +238,9 @@ def load_qwenvl(model: nn.Module, path: str | Path) -> None:
     sd = read_state_dict(path)
     vit, adapter = convert_released_visual(sd)
     dim, width = model.config.adapter.embed_dim, model.config.vision.width
-    if "kv_proj.weight" not in adapter and dim == width:  # released: Identity when width == D
-        adapter["kv_proj.weight"] = torch.eye(dim)
+    kv_proj = f"{G.local(G.ADAPTER_KV_PROJ)}.weight"
+    if kv_proj not in adapter and dim == width:  # released: Identity when width == D
+        adapter[kv_proj] = torch.eye(dim)
     load_into(tensors_of(model.vit), vit, f"Qwen-VL visual {path}")
     load_into(tensors_of(model.adapter), adapter, f"Qwen-VL resampler {path}")
     load_into(_llm_targets(model.llm), _llm_state(sd, model.llm), f"Qwen-VL LLM {path}",
@@ -267,7 +281,7 @@ def export_consolidated(model: nn.Module, config: QwenVLConfig, out_dir: str | P
         seen.add(ptr)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    llm_sd = {k[len("llm."):]: v for k, v in tensors.items() if k.startswith("llm.")}
+    llm_sd = {G.local(k): v for k, v in tensors.items() if k.startswith(G.LLM + ".")}
     model.llm.save_pretrained(str(out / "llm"), state_dict=llm_sd)
     return out
 

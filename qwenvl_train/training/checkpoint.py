@@ -16,14 +16,13 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from qwenvl_train.training.faults import kill_if_armed
 
 LATEST = "latest"
 DATA_STATE = "data_state.json"
@@ -68,16 +67,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int, data_state: dict | None = None) -> Path:
+         keep_last: int, on_written: Callable[[Path], None] | None = None,
+         data_state: dict | None = None) -> Path:
     """Save on every rank; move `latest` only after every rank finished writing.
+    `on_written(path)` runs once this rank's files are in `path`, before `latest` moves.
     `data_state` (the loader's global state, on rank 0) goes into `data_state.json`."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    kill_if_armed(f"kill_in_save:{step}")
     torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
     if rank == 0 and data_state is not None:
         (root / tag / DATA_STATE).write_text(json.dumps(data_state))
+    if on_written is not None:
+        on_written(root / tag)
     dist.barrier()
     if rank == 0:
         tmp = root / f".{LATEST}.tmp"
@@ -106,7 +108,9 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     # Written by another number of processes (an elastic resume, checked at launch by
     # training/elastic.py): the counters are the same on every rank, take rank 0's; the
     # per-rank RNG streams have no counterpart, each rank keeps its seeded one.
-    saved_world = load_data_state(run_dir, tag).get("layout", {}).get("world_size")
+    data_state = root / tag / DATA_STATE  # absent when no loader saved (test workers)
+    saved_world = (json.loads(data_state.read_text()).get("layout", {}).get("world_size")
+                   if data_state.exists() else None)
     same_layout = saved_world in (None, dist.get_world_size())
     path = root / tag / f"trainer_rank{rank if same_layout else 0}.pt"
     if not path.exists():

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from qwenvl_train.data.global_order import check_cover
+from qwenvl_train.checks import ConfigError
 from qwenvl_train.data.stream import DataError
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training.observe import flops
 
-if TYPE_CHECKING:  # the config pulls in the model stack; the exchange alone does not need it
+if TYPE_CHECKING:
     from qwenvl_train.config import TrainConfig
 
 
@@ -102,8 +103,6 @@ def micro_batch_cost(cfg: TrainConfig) -> Callable[[dict], float] | None:
     """Estimated training FLOPs of one micro-batch (the MFU formula of observe/flops.py, as
     the throughput meter applies it), or None when `data.balance` is off. A micro-batch
     without images still runs the vision path on one dummy image, so it counts one."""
-    from qwenvl_train.training.observe import flops
-
     if not cfg.data.balance:
         return None
     stage, model = cfg.stage, cfg.model
@@ -132,20 +131,16 @@ _CONFIG_KEYS = {
 
 
 def check_resume(cfg: TrainConfig, world_size: int) -> None:
-    """Refuse, before any process group starts, what the data order cannot honour: too
-    few virtual streams for this many readers, and a resume that changes what the global
-    order depends on (virtual streams, global and micro batch, sequence length, sources,
-    ...) or a layout whose model/optimizer files DeepSpeed cannot reload. Raises
-    ConfigError naming the key and the numbers."""
-    from qwenvl_train.config import ConfigError
+    """Refuse, before any process group starts, a resume that the data order cannot
+    honour: one that changes what the global order depends on (virtual streams, global and
+    micro batch, sequence length, sources, ...) or a layout whose model/optimizer files
+    DeepSpeed cannot reload. Raises ConfigError naming the key and the numbers. (That the
+    virtual streams cover this launch's readers is `global_order.check_cover`'s, torch-free;
+    `config.validate_launch` runs both.)"""
     from qwenvl_train.data.loader import loader_spec
     from qwenvl_train.training.parallel.topology import validate_parallel
 
-    sizes = validate_parallel(cfg.parallel, world_size, cfg.model)
-    try:
-        check_cover(cfg.data.virtual_streams, sizes.dp, cfg.data.num_workers)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    sizes = validate_parallel(cfg.parallel, world_size)
     if cfg.resume != "auto":
         return
     try:
@@ -180,8 +175,6 @@ def check_resume(cfg: TrainConfig, world_size: int) -> None:
 
 def _check_model_layout(was: dict, sizes, zero: int, where: str) -> None:
     """DeepSpeed's model/optimizer files: which layout changes it can reload."""
-    from qwenvl_train.config import ConfigError
-
     if not was:
         return
     if (was["pp"], was["tp"]) != (sizes.pp, sizes.tp):

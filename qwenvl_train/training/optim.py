@@ -10,6 +10,8 @@ Frozen parameters are not in the optimizer at all.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,22 @@ def build_optimizer(
     for g in param_groups:
         g["lr"] = lr * g["lr_scale"]
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
+
+
+@contextmanager
+def skipped_update(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside, `optimizer.step()` does nothing: no parameter, moment or step count changes.
+
+    Pass the torch optimizer DeepSpeed was given (`engine.basic_optimizer`): every wrapper
+    (ZeRO 1-3, bf16/fp16) updates through its `step`, so an `engine.step()` inside still
+    clips, zeroes the gradients and steps the schedule, but moves nothing (ZeRO copies its
+    unchanged fp32 partitions back into the parameters)."""
+    step = optimizer.step  # the bound method, or the LR scheduler's wrapper around it
+    optimizer.step = lambda *args, **kwargs: None  # this instance only
+    try:
+        yield
+    finally:
+        optimizer.step = step
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> LambdaLR:

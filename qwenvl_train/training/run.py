@@ -1,6 +1,7 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
-`run(cfg)` is what `qwenvl-train` calls after the config passed validation.
+`run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
+`config.validate_launch`: the layout, the batch arithmetic and the data on disk).
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +22,14 @@ from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
 from qwenvl_train.training.optim import (
     Schedule,
     build_optimizer,
     build_param_groups,
     build_scheduler,
 )
-from qwenvl_train.training.parallel.engine import (
-    DistInfo,
-    deepspeed_config,
-    grad_accumulation_steps,
-    init_distributed,
-)
+from qwenvl_train.training.parallel.engine import DistInfo, deepspeed_config, init_distributed
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 log = logging.getLogger("qwenvl_train")
@@ -44,16 +41,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
-    """Build the offline demo shards once (rank 0) when the data config asks for it."""
-    root = Path(cfg.data.root)
-    # Rank 0 alone decides and builds; every rank waits at the barrier either way.
-    if dist_info.is_main and cfg.data.build_demo_if_missing and not any(root.glob("*.tar")):
-        from data_recipes.demo import build_demo
-
-        log.info("building the demo data set in %s", root)
-        build_demo(root)
-    dist.barrier()
+def warn_demo_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
     if dist_info.is_main and cfg.data.name == "demo" and cfg.model.name != "tiny":
         log.warning("model=%s is training on the CPU demo data set (data=demo); pass your "
                     "own data config, e.g. data=mixture_multitask", cfg.model.name)
@@ -128,6 +116,18 @@ def dummy_batch(cfg: TrainConfig) -> dict:
     }
 
 
+def build_engine(cfg: TrainConfig, par):
+    """Optimizer groups of the layout `par`, AdamW, the stage's schedule -> DeepSpeed engine."""
+    param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
+    optim = cfg.stage.optim
+    optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
+                                eps=optim.eps)
+    schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
+                        optim.schedule)
+    scheduler = build_scheduler(optimizer, schedule)
+    return par.initialize(optimizer, scheduler, deepspeed_config(cfg, par.sizes.dp))
+
+
 def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
     """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
     from qwenvl_train.model.qwenvl import build_model
@@ -143,34 +143,29 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
     return out
 
 
-def run(cfg: TrainConfig, resolved_config: dict) -> dict:
+def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
+    """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
     from qwenvl_train.training.elastic import build_exchange, micro_batch_cost
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
+    if callbacks is None:
+        callbacks = load_callbacks(cfg.callbacks)
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)
+    resolved_config = cfg.to_dict()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2))
-    ensure_data(cfg, dist_info)
+    warn_demo_data(cfg, dist_info)
 
     model = build_qwenvl(cfg)
     freeze(cfg, model)
     par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
     dp_size = par.sizes.dp
-    accum = grad_accumulation_steps(cfg, dp_size)
-    param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
-    optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
-                       else {})  # measured before DeepSpeed flattens the groups
-    optim = cfg.stage.optim
-    optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
-                                eps=optim.eps)
-    schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
-                        optim.schedule)
-    scheduler = build_scheduler(optimizer, schedule)
-    engine = par.initialize(optimizer, scheduler, deepspeed_config(cfg, dp_size))
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
+    engine = build_engine(cfg, par)
     del model
 
     loader = None
@@ -202,7 +197,7 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     meter = ThroughputMeter.create(cfg, dp_size=dp_size, device=dist_info.device)
     meter.load_state_dict(meter_state)
     trainer = Trainer(cfg, dist_info, engine, par, loader, data, tracker, meter, accum,
-                      dummy_batch(cfg), state)
+                      dummy_batch(cfg), state, callbacks)
     try:
         last = trainer.fit()
         if cfg.export_at_end and state.step >= cfg.stage.steps:
@@ -217,10 +212,7 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
                                       if isinstance(v, (int, float, bool))}}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    out = os.environ.get("QWENVL_RESULTS_DIR")
-    if out:  # per-rank facts for the multi-process tests
-        result = {"rank": dist_info.rank, "summary": summary, **optimizer_check}
-        Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))
+    trainer.callbacks.on_run_end(trainer, summary)
     return summary
 
 
@@ -230,15 +222,3 @@ def _agreed(value):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def _optimizer_check(model, param_groups: list[dict]) -> dict:
-    """Does the optimizer hold exactly the trainable parameters?"""
-    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
-    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    return {
-        "optimizer_numel": sum(numel(p) for g in param_groups for p in g["params"]),
-        "trainable_numel": sum(numel(p) for p in model.parameters() if p.requires_grad),
-        "optimizer_equals_trainable": in_optimizer == trainable,
-        "frozen_in_optimizer": len(in_optimizer - trainable),
-    }

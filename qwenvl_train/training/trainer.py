@@ -3,6 +3,10 @@
 Read top to bottom: `run` sets up (distributed, data, model, freezing, optimizer, DeepSpeed,
 resume), then `Trainer.fit` loops: micro-batches -> forward -> agreed NaN check -> backward
 -> DeepSpeed step (clip, accumulate, schedule) -> log -> checkpoint.
+
+A non-finite loss skips the whole step on every layout: no parameter, optimizer moment or
+optimizer step count changes, while the LR schedule follows the trainer's step counter. Callbacks
+(training/callbacks.py) run user code at the loop's events.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +27,9 @@ from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
-from qwenvl_train.training import faults
+from qwenvl_train.training.callbacks import CallbackList, TrainerCallback
 from qwenvl_train.training.losses import task_loss_sums
-from qwenvl_train.training.optim import lr_by_module_group
+from qwenvl_train.training.optim import lr_by_module_group, skipped_update
 from qwenvl_train.training.parallel.engine import DistInfo
 
 log = logging.getLogger("qwenvl_train")
@@ -45,6 +51,18 @@ class TrainState:
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
     meter: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports, the same on every layout."""
+
+    loss: float  # mean over the step's micro-batches and the data-parallel replicas
+    applied: bool  # False: the update was skipped (non-finite loss or gradients)
+    lr: dict[str, float]  # max LR per module group (vit/adapter/llm); 0.0 when skipped
+    task_sums: torch.Tensor  # [len(TASKS), 2]: token loss sum and tokens, all replicas
+    counts: dict[str, int]  # this replica's samples, images, tokens, ... (throughput, MFU)
+    time: float  # wall seconds
 
 
 class PreemptionFlag:
@@ -79,13 +97,16 @@ def _mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, par, loader, data,
-                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState):
+                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState,
+                 callbacks: Sequence[TrainerCallback] = ()):
         """`par` is the layout (training/parallel/parallelize.py); `loader` is None on
-        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches."""
+        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches;
+        `callbacks` run at the loop's events (training/callbacks.py)."""
         self.cfg, self.dist, self.engine, self.par = cfg, dist_info, engine, par
         self.loader, self.data = loader, data
         self.tracker, self.meter = tracker, meter
         self.accum, self.dummy_batch, self.state = accum, dummy_batch, state
+        self.callbacks = CallbackList(callbacks)
         self.param_dtype = next(engine.module.parameters()).dtype
         self.preempt = PreemptionFlag()
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
@@ -95,14 +116,12 @@ class Trainer:
         """Forward + backward of one micro-batch; returns (loss, per-task sums, finite)."""
         inputs = _to_device(batch, self.dist.device, self.param_dtype)
         out = self.engine(**inputs)
-        if faults.armed(f"nan_loss:{self.state.step + 1}") and self.dist.rank == \
-                self.dist.world_size - 1:
-            out.loss = out.loss * float("nan")
+        out.loss = self.callbacks.on_loss(self, self.state.step + 1, out.loss)
         # Every rank must take the same path, or the collectives inside backward hang.
         if _any_rank(~torch.isfinite(out.loss.detach())):
             self._report_nonfinite(batch, out.loss)
             # Backprop a zero loss of a tiny clean batch: the same hooks and collectives as
-            # a real backward, zero gradient. The step's update is then skipped (LR 0).
+            # a real backward, zero gradient. The step's update is then skipped.
             dummy = self.engine(**_to_device(self.dummy_batch, self.dist.device,
                                              self.param_dtype))
             self.engine.backward(dummy.loss * 0.0)
@@ -131,66 +150,69 @@ class Trainer:
                 f"{self.state.consecutive_nonfinite} consecutive steps skipped for non-finite "
                 f"loss or gradients (max_consecutive_nan={self.cfg.max_consecutive_nan})")
 
-    def _optimizer_step(self, data_iter) -> dict:
+    def _optimizer_step(self, data_iter) -> StepResult:
         t0 = time.perf_counter()
-        losses, finite_all = [], True
+        losses, finite, batches = [], True, []
         task_sums = task_loss_sums(device=self.dist.device)
-        batches = []
         for micro in range(self.accum):
             batch = next(data_iter)
             batches.append(batch)
-            loss, sums, finite = self._micro_step(batch)
-            finite_all &= finite
+            loss, sums, micro_finite = self._micro_step(batch)
+            finite &= micro_finite
             losses.append(loss)
             task_sums += sums
-            if micro == self.accum - 1:  # the boundary: DeepSpeed updates in this step()
-                if not finite_all:
-                    for group in self.engine.optimizer.param_groups:
-                        group["lr"] = 0.0  # skip: no parameter moves in this step
-                lrs = lr_by_module_group(self.engine.optimizer)
-            # DeepSpeed counts micro-steps here and updates only at the boundary.
+            if micro < self.accum - 1:
+                self.engine.step()  # DeepSpeed counts the micro-step; the update waits
+        lrs = lr_by_module_group(self.engine.optimizer)  # what this update uses
+        # The boundary: DeepSpeed clips, updates, zeroes the gradients and steps the
+        # schedule. After a non-finite loss it runs all that except the update itself.
+        with nullcontext() if finite else skipped_update(self.engine.basic_optimizer):
             self.engine.step()
-        counts = _counts(batches)
         # DeepSpeed may also skip an update itself (overflowing gradients).
-        self._count_step(finite_all and self.engine.was_step_applied())
+        applied = finite and self.engine.was_step_applied()
+        if finite and not applied:
+            # It then leaves the scheduler alone; keep the schedule on `state.step`.
+            self.engine.lr_scheduler.step()
         group = self.par.dp_group
-        loss = _mean_over_ranks(torch.stack(losses).mean(), group).item()
-        return {"loss": loss, "finite": finite_all, "lr": lrs,
-                "task_sums": _sum_over_ranks(task_sums, group), "counts": counts,
-                "time": time.perf_counter() - t0}
+        return StepResult(
+            loss=_mean_over_ranks(torch.stack(losses).mean(), group).item(), applied=applied,
+            lr=lrs if applied else dict.fromkeys(lrs, 0.0),
+            task_sums=_sum_over_ranks(task_sums, group), counts=_counts(batches),
+            time=time.perf_counter() - t0)
 
-    def _pipeline_step(self, data) -> dict:
+    def _pipeline_step(self, data) -> StepResult:
         """Pipeline layouts: DeepSpeed's train_batch runs the micro-batch schedule; a
         non-finite gradient norm makes ZeRO-1 skip the update on every stage."""
         t0 = time.perf_counter()
         lrs = lr_by_module_group(self.engine.optimizer)
         out = self.par.train_step(self.engine, data)
-        counts = _counts(out["batches"])
-        if out["skipped"] or not out["finite"]:
+        applied = not out["skipped"] and out["finite"]
+        if not applied:
             keys = [k for b in out["batches"] for k in b.get("keys", [])]
             self._report_nonfinite({"keys": keys}, torch.tensor(out["loss"]))
-            lrs = dict.fromkeys(lrs, 0.0)
             if out["skipped"]:
                 # DeepSpeed does not step the scheduler on a skipped update; keep the
                 # schedule on `state.step` as the other layouts do.
                 self.engine.lr_scheduler.step()
-        self._count_step(not out["skipped"] and out["finite"])
-        return {"loss": out["loss"], "finite": not out["skipped"], "lr": lrs,
-                "task_sums": out["task_sums"], "counts": counts,
-                "time": time.perf_counter() - t0}
+        return StepResult(
+            loss=out["loss"], applied=applied, lr=lrs if applied else dict.fromkeys(lrs, 0.0),
+            task_sums=out["task_sums"], counts=_counts(out["batches"]),
+            time=time.perf_counter() - t0)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, state = self.cfg, self.state
         last = {}
+        self.callbacks.on_train_start(self)
         while state.step < cfg.stage.steps:
             if self.par.is_pipeline:
                 result = self._pipeline_step(self.data)
             else:
                 result = self._optimizer_step(self.data)
+            self._count_step(result.applied)
             state.step += 1
             last = self._log(result)
-            faults.kill_if_armed(f"kill_after_step:{state.step}")
+            self.callbacks.on_step_end(self, state.step, last)
             stop = _any_rank(self.preempt.requested, self.dist.device)
             at_end = state.step == cfg.stage.steps
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
@@ -205,8 +227,11 @@ class Trainer:
         # Every virtual stream's position (a collective over the readers); rank 0 writes it.
         data_state = self.loader.state_dict() if self.loader is not None else None
         self.state.meter = self.meter.state_dict()
-        ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
-                  self.dist.rank, self.cfg.checkpoint.keep_last, data_state=data_state)
+        step = self.state.step
+        ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
+                  self.dist.rank, self.cfg.checkpoint.keep_last,
+                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path),
+                  data_state=data_state)
 
     def _global_data_stats(self) -> dict[str, float]:
         """Loader counters summed over all readers (ranks without a loader add zeros)."""
@@ -221,19 +246,19 @@ class Trainer:
         out["data/packing_efficiency"] = out["data/tokens"] / slots if slots else 0.0
         return out
 
-    def _log(self, result: dict) -> dict:
+    def _log(self, result: StepResult) -> dict:
         step = self.state.step
-        sums = result["task_sums"]
-        metrics = {"loss": result["loss"], "skipped_steps": self.state.skipped_steps}
+        sums = result.task_sums
+        metrics = {"loss": result.loss, "skipped_steps": self.state.skipped_steps}
         for t, task in enumerate(TASKS):
             if sums[t, 1] > 0:
                 metrics[f"loss/{task}"] = float(sums[t, 0] / sums[t, 1])
-        for group, lr in result["lr"].items():
+        for group, lr in result.lr.items():
             metrics[f"lr/{group}"] = lr
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        metrics.update(self.meter.update(result["counts"], result["time"]))
+        metrics.update(self.meter.update(result.counts, result.time))
         metrics.update(self._global_data_stats())
         if self.dist.is_main:
             with open(self.metrics_path, "a") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from qwenvl_train.model.config import QwenVLConfig
-from qwenvl_train.model.groups import set_trainable
+from qwenvl_train.model.groups import GROUPS, set_trainable
 from qwenvl_train.model.qwenvl import build_model
 from qwenvl_train.training.optim import build_optimizer, build_param_groups
 
@@ -36,7 +36,7 @@ def tiny_config(checkpointing: bool = False) -> QwenVLConfig:
     })
 
 
-def make_model(trainable=("vit", "adapter", "llm"), seed: int = SEED,
+def make_model(trainable=GROUPS, seed: int = SEED,
                checkpointing: bool = False):
     torch.manual_seed(seed)
     model = build_model(tiny_config(checkpointing), IMAGE_SIZE)
@@ -80,7 +80,10 @@ def make_batch(step: int, dp_rank: int, micro: int, text_only: bool = False) -> 
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg,
             "task_ids": tasks,
             "images": torch.randn(n_img, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
-            "keys": [f"s{step}-r{dp_rank}-m{micro}-{b}" for b in range(MICRO_BATCH)]}
+            "keys": [f"s{step}-r{dp_rank}-m{micro}-{b}" for b in range(MICRO_BATCH)],
+            # the loader's counts, which the trainer's throughput meter reads
+            "num_samples": 2 * MICRO_BATCH, "num_images": n_img,
+            "num_real_tokens": int((seg > 0).sum())}
 
 
 def step_batches(step: int, dp: int) -> list[list[dict]]:
@@ -111,7 +114,7 @@ def _clip(params: list[torch.Tensor]) -> float:
     return norm
 
 
-def reference(dp: int, trainable=("vit", "adapter", "llm"), steps: int = STEPS,
+def reference(dp: int, trainable=GROUPS, steps: int = STEPS,
               skip: tuple[int, ...] = ()):
     """Single process: losses and pre-clip grad norms per step, and the trained model.
     Steps in `skip` make no update (what a NaN step must do) and report NaN."""

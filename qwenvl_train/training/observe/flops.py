@@ -22,8 +22,8 @@ LLM, per token, hidden h, heads a, kv heads k, head dim d = h/a, MLP i, vocab V:
     sum(l^2)/sum(l) (`segment_len`, see `effective_segment_len`). Masked-out work is not
     counted: FLOPs a kernel spends on masked blocks are not useful work.
 
-Training FLOPs of one step (the MFU formula), with the model as a chain
-vit -> adapter cross-attention -> adapter post (ln_post/proj) -> LLM -> loss:
+Training FLOPs of one step (the MFU formula), with the model as the registry's chain of
+parts (`groups.PARTS`) vit -> adapter cross-attention -> adapter_post (ln_post/proj) -> llm:
     step = sum over parts of  c_part * forward_part
     c = 3  trained part: forward + backward to inputs + backward to weights (each ~ forward)
     c = 2  frozen part downstream of some trained part: activation gradients must flow
@@ -38,36 +38,35 @@ data-parallel replicas / (step wall time * number of devices * peak FLOP/s per d
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from qwenvl_train.config import cfg_get
+from qwenvl_train.model.groups import PARTS, part_group
 
-PARTS: tuple[str, ...] = ("vit", "adapter", "adapter_post", "llm")
-
-
-
-
-def vit_tokens(vision_cfg: Any, image_size: int) -> int:
-    return (image_size // int(cfg_get(vision_cfg, "patch_size"))) ** 2
+if TYPE_CHECKING:
+    from qwenvl_train.model.config import LLMConfig, QwenVLConfig, VisionConfig
 
 
-def vit_flops(vision_cfg: Any, image_size: int) -> float:
+def vit_tokens(vision_cfg: VisionConfig, image_size: int) -> int:
+    return (image_size // vision_cfg.patch_size) ** 2
+
+
+def vit_flops(vision_cfg: VisionConfig, image_size: int) -> float:
     """Forward FLOPs of the ViT for one image of side `image_size`."""
-    p, w = int(cfg_get(vision_cfg, "patch_size")), int(cfg_get(vision_cfg, "width"))
-    m, layers = int(cfg_get(vision_cfg, "mlp_dim")), int(cfg_get(vision_cfg, "layers"))
+    p, w = vision_cfg.patch_size, vision_cfg.width
+    m, layers = vision_cfg.mlp_dim, vision_cfg.layers
     n = vit_tokens(vision_cfg, image_size)
     patch_embed = 2 * n * (3 * p * p) * w
     block = 2 * n * w * 3 * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * 2 * n * w * m
     return float(patch_embed + layers * block)
 
 
-def _adapter_parts(model_cfg: Any, image_size: int) -> tuple[float, float]:
+def _adapter_parts(model_cfg: QwenVLConfig, image_size: int) -> tuple[float, float]:
     """(cross-attention, ln_post @ proj) forward FLOPs per image."""
-    vision, adapter = cfg_get(model_cfg, "vision"), cfg_get(model_cfg, "adapter")
-    n, w = vit_tokens(vision, image_size), int(cfg_get(vision, "width"))
-    q, d = int(cfg_get(adapter, "num_queries")), int(cfg_get(adapter, "embed_dim"))
+    vision, adapter = model_cfg.vision, model_cfg.adapter
+    n, w = vit_tokens(vision, image_size), vision.width
+    q, d = adapter.num_queries, adapter.embed_dim
     attn = (
         2 * n * w * d  # kv_proj
         + 2 * q * d * d  # query projection (the learned queries are projected per image)
@@ -78,18 +77,18 @@ def _adapter_parts(model_cfg: Any, image_size: int) -> tuple[float, float]:
     return float(attn), float(2 * q * d * d)
 
 
-def adapter_flops(model_cfg: Any, image_size: int) -> float:
+def adapter_flops(model_cfg: QwenVLConfig, image_size: int) -> float:
     """Forward FLOPs of the adapter (cross-attention + final projection) per image."""
     return sum(_adapter_parts(model_cfg, image_size))
 
 
-def llm_layer_flops(llm_cfg: Any, seq_len: float, *, attn_span: float | None = None) -> float:
+def llm_layer_flops(llm_cfg: LLMConfig, seq_len: float, *,
+                    attn_span: float | None = None) -> float:
     """Forward FLOPs of one decoder layer per token at context length `seq_len`.
 
     `attn_span` (keys per query) defaults to the causal average seq_len / 2."""
-    h, a = int(cfg_get(llm_cfg, "hidden_size")), int(cfg_get(llm_cfg, "num_heads"))
-    kv = int(cfg_get(llm_cfg, "num_kv_heads") or a)
-    i = int(cfg_get(llm_cfg, "intermediate_size"))
+    h, a = llm_cfg.hidden_size, llm_cfg.num_heads
+    kv, i = llm_cfg.num_kv_heads, llm_cfg.intermediate_size
     d = h // a
     span = seq_len / 2 if attn_span is None else attn_span
     qkv = 2 * h * (a * d + 2 * kv * d)
@@ -97,17 +96,15 @@ def llm_layer_flops(llm_cfg: Any, seq_len: float, *, attn_span: float | None = N
     return float(qkv + attn + 2 * h * a * d + 3 * 2 * h * i)
 
 
-def lm_head_flops(llm_cfg: Any) -> float:
+def lm_head_flops(llm_cfg: LLMConfig) -> float:
     """FLOPs of the output projection for one position."""
-    return float(2 * int(cfg_get(llm_cfg, "hidden_size")) * int(cfg_get(llm_cfg, "vocab_size")))
+    return float(2 * llm_cfg.hidden_size * llm_cfg.vocab_size)
 
 
-def llm_flops(llm_cfg: Any, seq_len: float, *, attn_span: float | None = None) -> float:
+def llm_flops(llm_cfg: LLMConfig, seq_len: float, *, attn_span: float | None = None) -> float:
     """Forward FLOPs per token: all decoder layers + the lm_head."""
-    layers = int(cfg_get(llm_cfg, "num_layers"))
-    return layers * llm_layer_flops(llm_cfg, seq_len, attn_span=attn_span) + lm_head_flops(
-        llm_cfg
-    )
+    return (llm_cfg.num_layers * llm_layer_flops(llm_cfg, seq_len, attn_span=attn_span)
+            + lm_head_flops(llm_cfg))
 
 
 def effective_segment_len(lengths: Sequence[int]) -> float:
@@ -120,7 +117,7 @@ def effective_segment_len(lengths: Sequence[int]) -> float:
 
 
 def forward_flops_by_part(
-    model_cfg: Any,
+    model_cfg: QwenVLConfig,
     image_size: int,
     tokens: int,
     images: int,
@@ -129,27 +126,27 @@ def forward_flops_by_part(
     loss_tokens: int | None = None,
     segment_len: float | None = None,
 ) -> dict[str, float]:
-    """Forward FLOPs of a batch per part of the chain `PARTS`."""
-    llm = cfg_get(model_cfg, "llm")
+    """Forward FLOPs of a batch per part of the registry's chain `PARTS`."""
+    llm = model_cfg.llm
     ctx = seq_len if segment_len is None else segment_len
-    layers = int(cfg_get(llm, "num_layers"))
     head_positions = tokens if loss_tokens is None else loss_tokens
     attn, post = _adapter_parts(model_cfg, image_size)
+    vit, adapter, adapter_post, llm_part = PARTS
     return {
-        "vit": images * vit_flops(cfg_get(model_cfg, "vision"), image_size),
-        "adapter": images * attn,
-        "adapter_post": images * post,
-        "llm": tokens * layers * llm_layer_flops(llm, ctx) + head_positions * lm_head_flops(llm),
+        vit: images * vit_flops(model_cfg.vision, image_size),
+        adapter: images * attn,
+        adapter_post: images * post,
+        llm_part: (tokens * llm.num_layers * llm_layer_flops(llm, ctx)
+                   + head_positions * lm_head_flops(llm)),
     }
 
 
 def part_multipliers(trainable: Iterable[str], post_group: str = "vit") -> dict[str, int]:
     """3 / 2 / 1 per part of the chain (see the module docstring)."""
     trainable = set(trainable)
-    group = {"vit": "vit", "adapter": "adapter", "adapter_post": post_group, "llm": "llm"}
     mult, seen_trained = {}, False
     for part in PARTS:  # in data-flow order: a part is "downstream" once a trained one passed
-        if group[part] in trainable:
+        if part_group(part, post_group) in trainable:
             mult[part], seen_trained = 3, True
         else:
             mult[part] = 2 if seen_trained else 1
@@ -157,7 +154,7 @@ def part_multipliers(trainable: Iterable[str], post_group: str = "vit") -> dict[
 
 
 def step_flops(
-    model_cfg: Any,
+    model_cfg: QwenVLConfig,
     image_size: int,
     tokens: int,
     images: int,
@@ -171,7 +168,7 @@ def step_flops(
     computed) and `images` images; rows of length `seq_len`, or packed samples of
     token-weighted mean length `segment_len`. `loss_tokens`: positions with a label
     (where the lm_head runs); default all tokens."""
-    post_group = cfg_get(cfg_get(model_cfg, "adapter"), "post_group", "vit") or "vit"
+    post_group = model_cfg.adapter.post_group
     fwd = forward_flops_by_part(
         model_cfg, image_size, tokens, images, seq_len,
         loss_tokens=loss_tokens, segment_len=segment_len,

@@ -20,17 +20,14 @@ from typing import IO, Any
 
 import torch
 
-from qwenvl_train.config import cfg_get
+from qwenvl_train.config import TrainConfig
 from qwenvl_train.training.observe import flops
+from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.observe.progress import Progress
 
-BACKENDS = ("wandb", "none")
-MODES = ("offline", "online", "disabled")
 RUN_ID_FILE = "wandb_run_id.txt"
 STEP_KEY = "train/step"
 COUNT_KEYS = ("samples", "images", "tokens", "real_tokens")
-
-
 
 
 def _read_or_create_run_id(run_dir: Path) -> str:
@@ -57,7 +54,7 @@ class Tracker:
     @classmethod
     def create(
         cls,
-        tracking_cfg: Any,
+        tracking_cfg: TrackingConfig,
         run_dir: str | os.PathLike,
         resolved_config: dict,
         rank: int,
@@ -67,35 +64,31 @@ class Tracker:
         log_every: int = 1,
         stream: IO[str] | None = None,
     ) -> Tracker:
+        """`tracking_cfg` comes validated with the train config (TrackingConfig.validate)."""
         if rank != 0:
             return cls()
         tracker = cls(Progress(total_steps, start_step=start_step, log_every=log_every,
                                stream=stream))
-        backend = cfg_get(tracking_cfg, "backend", "wandb")
-        mode = cfg_get(tracking_cfg, "mode", "offline")
-        if backend not in BACKENDS or mode not in MODES:
-            raise ValueError(f"tracking.backend/mode: {backend!r}/{mode!r}; allowed: "
-                             f"backend {BACKENDS}, mode {MODES}")
-        if backend == "wandb" and mode != "disabled":
-            tracker._init_wandb(tracking_cfg, Path(run_dir), resolved_config, mode)
+        if tracking_cfg.backend == "wandb" and tracking_cfg.mode != "disabled":
+            tracker._init_wandb(tracking_cfg, Path(run_dir), resolved_config)
         return tracker
 
-    def _init_wandb(self, cfg: Any, run_dir: Path, config: dict, mode: str) -> None:
+    def _init_wandb(self, cfg: TrackingConfig, run_dir: Path, config: dict) -> None:
         try:
             import wandb
 
             self.run = wandb.init(
-                project=cfg_get(cfg, "project", "qwenvl-train"),
-                entity=cfg_get(cfg, "entity"),
-                name=cfg_get(cfg, "name") or run_dir.name,
-                tags=list(cfg_get(cfg, "tags", []) or []),
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.name or run_dir.name,
+                tags=list(cfg.tags),
                 config=config,
                 allow_val_change=True,  # a resumed run may change e.g. log_every
                 dir=str(run_dir),  # files land in run_dir/wandb
                 id=_read_or_create_run_id(run_dir),
                 resume="allow",
-                mode=mode,
-                settings=wandb.Settings(init_timeout=float(cfg_get(cfg, "init_timeout", 90.0))),
+                mode=cfg.mode,
+                settings=wandb.Settings(init_timeout=cfg.init_timeout),
             )
             # Our own step axis: after a resume from an earlier checkpoint the same steps
             # are logged again, which W&B's monotonic internal step would drop.
@@ -200,16 +193,16 @@ class ThroughputMeter:
         self.totals = dict.fromkeys(COUNT_KEYS, 0)
 
     @classmethod
-    def create(cls, cfg: Any, *, dp_size: int, device: torch.device | str | None = None,
+    def create(cls, cfg: TrainConfig, *, dp_size: int, device: torch.device | str | None = None,
                window: int = 20) -> ThroughputMeter:
         """From the full train config: FLOPs of the stage, peak of this device and dtype."""
         stage, model = cfg.stage, cfg.model
-        world = dp_size * int(cfg_get(cfg.parallel, "pp", 1)) * int(cfg_get(cfg.parallel, "tp", 1))
+        world = dp_size * cfg.parallel.pp * cfg.parallel.tp
         name = device
         if isinstance(device, torch.device) or str(device).startswith("cuda"):
             dev = torch.device(device)
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        peak = flops.peak_flops(name, stage.precision, cfg_get(cfg.tracking, "peak_tflops"))
+        peak = flops.peak_flops(name, stage.precision, cfg.tracking.peak_tflops)
 
         def flops_fn(c: Mapping[str, int]) -> float:
             seg = c.get("seg_sq_tokens")

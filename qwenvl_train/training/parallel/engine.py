@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from qwenvl_train.config import ConfigError, TrainConfig
+from qwenvl_train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -69,25 +69,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def grad_accumulation_steps(cfg: TrainConfig, dp_size: int) -> int:
-    """global batch = micro batch x accumulation x data-parallel size, checked exactly."""
-    per_step = cfg.stage.micro_batch_size * dp_size
-    if cfg.stage.global_batch_size % per_step:
-        raise ConfigError(
-            f"stage.global_batch_size: {cfg.stage.global_batch_size} is not a multiple of "
-            f"stage.micro_batch_size ({cfg.stage.micro_batch_size}) x data-parallel size "
-            f"({dp_size}) = {per_step}"
-        )
-    return cfg.stage.global_batch_size // per_step
-
-
 def uses_bf16(cfg: TrainConfig) -> bool:
     """bf16 on accelerators as the stage asks; CPU runs train in fp32."""
     return torch.cuda.is_available() and cfg.stage.precision == "bf16"
 
 
 def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
-    accum = grad_accumulation_steps(cfg, dp_size)
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
     on_gpu = torch.cuda.is_available()
     zero: dict = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage >= 2:

@@ -35,7 +35,6 @@ from qwenvl_train.training.parallel.topology import (
     ParallelSizes,
     build_grid,
     build_topology,
-    cfg_get,
     reads_data,
     validate_parallel,
 )
@@ -129,13 +128,14 @@ class Parallel:
 
 def parallelize(model: nn.Module, cfg: Any, world_size: int | None = None,
                 parts: list[int] | None = None) -> Parallel:
-    """Apply `cfg.parallel` (a TrainConfig or anything with .parallel/.model/.stage) to a
-    built, frozen model. Needs the default process group (all ranks call it). `parts`
-    overrides the compute-balanced pipeline split (DeepSpeed's boundary convention)."""
+    """Apply `cfg.parallel` (a ParallelConfig; `cfg` is a validated TrainConfig or anything
+    with .parallel/.model/.stage) to a built, frozen model. Needs the default process group
+    (all ranks call it). `parts` overrides the compute-balanced pipeline split (DeepSpeed's
+    boundary convention)."""
     world = dist.get_world_size() if world_size is None else world_size
-    sizes = validate_parallel(cfg.parallel, world, cfg.model)
+    sizes = validate_parallel(cfg.parallel, world)
     if dist.get_rank() == 0:
-        log.info("parallel layout %s, zero_stage %s", sizes, cfg_get(cfg.parallel, "zero_stage"))
+        log.info("parallel layout %s, zero_stage %s", sizes, cfg.parallel.zero_stage)
     topology = build_topology(sizes)
     grid = build_grid(topology)
     apply_tensor_parallel(model, grid.get_slice_parallel_group())

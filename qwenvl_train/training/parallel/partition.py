@@ -1,6 +1,7 @@
 """Compute-balanced pipeline split of a Qwen-VL model.
 
-The pipeline is the layer chain [vision+embed, decoder 0 .. decoder n-1, norm+head+loss].
+The pipeline is the registry's chain of slots (`groups.pipeline_slots`): [vision+embed,
+decoder 0 .. decoder n-1, norm+head+loss].
 Each layer is weighed by its training FLOPs per row (flops.py): the first layer by the ViT
 and adapter at the stage's resolution times the images per row, a decoder layer at the
 stage's sequence length, the head at the vocabulary projection; trained parts count 3x
@@ -15,10 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from qwenvl_train.model import groups
 from qwenvl_train.training.observe import flops
-from qwenvl_train.training.parallel.topology import cfg_get
+
+if TYPE_CHECKING:
+    from qwenvl_train.model.config import QwenVLConfig
 
 TEXT_TOKENS_PER_IMAGE = 64  # assumed caption/answer tokens per image in packed rows
 
@@ -61,24 +65,22 @@ def images_per_row(seq_len: int, num_queries: int, pack: bool) -> float:
 
 
 def layer_costs(
-    model_cfg: Any,
+    model_cfg: QwenVLConfig,
     image_size: int,
     seq_len: int,
     trainable: Iterable[str],
     images: float,
 ) -> tuple[list[str], list[float]]:
-    """Names and training FLOPs per row of the pipeline layers."""
-    post_group = cfg_get(model_cfg, "adapter.post_group", "vit")
-    mult = flops.part_multipliers(trainable, post_group)
+    """Names (the registry's pipeline slots) and training FLOPs per row of the layers."""
+    mult = flops.part_multipliers(trainable, model_cfg.adapter.post_group)
     fwd = flops.forward_flops_by_part(model_cfg, image_size, seq_len, 1, seq_len)
     # forward_flops_by_part takes an int image count; scale the per-image parts instead.
-    vision = sum(mult[p] * fwd[p] * images for p in ("vit", "adapter", "adapter_post"))
-    llm = cfg_get(model_cfg, "llm")
-    n_layers = int(cfg_get(llm, "num_layers"))
-    decoder = mult["llm"] * seq_len * flops.llm_layer_flops(llm, seq_len)
-    head = mult["llm"] * seq_len * flops.lm_head_flops(llm)
-    names = ["vision+embed"] + [f"decoder.{i}" for i in range(n_layers)] + ["norm+head"]
-    return names, [vision] + [decoder] * n_layers + [head]
+    vision = sum(mult[p] * fwd[p] * images for p in groups.VISION_PARTS)
+    llm = model_cfg.llm
+    decoder = mult[groups.LLM] * seq_len * flops.llm_layer_flops(llm, seq_len)
+    head = mult[groups.LLM] * seq_len * flops.lm_head_flops(llm)
+    names = [slot.name for slot in groups.pipeline_slots(llm.num_layers)]
+    return names, [vision] + [decoder] * llm.num_layers + [head]
 
 
 def _min_bottleneck(prefix: list[float], num_stages: int) -> float:
@@ -121,7 +123,7 @@ def balanced_parts(costs: Sequence[float], num_stages: int) -> list[int]:
 
 
 def plan_split(
-    model_cfg: Any,
+    model_cfg: QwenVLConfig,
     num_stages: int,
     image_size: int,
     seq_len: int,
@@ -131,6 +133,6 @@ def plan_split(
 ) -> PipelineSplit:
     """The compute-balanced split for a stage config (all ranks compute the same one)."""
     if images is None:
-        images = images_per_row(seq_len, int(cfg_get(model_cfg, "adapter.num_queries")), pack)
+        images = images_per_row(seq_len, model_cfg.adapter.num_queries, pack)
     names, costs = layer_costs(model_cfg, image_size, seq_len, trainable, images)
     return PipelineSplit(balanced_parts(costs, num_stages), names, costs)

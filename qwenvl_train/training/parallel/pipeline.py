@@ -1,6 +1,7 @@
 """A plain QwenVL as a DeepSpeed PipelineModule (pipeline parallelism, optionally with TP).
 
-Layer chain (the ViT and adapter always sit on the first stage):
+Layer chain, one layer per slot of the registry's `groups.pipeline_slots` (which modules
+sit where; the ViT and adapter always on the first stage):
   0      VisionEmbedPipe  ViT + adapter + token embedding + image splicing (QwenVL.embed_inputs)
   1..n   DecoderPipe      one transformers decoder layer each (mask/rotary rebuilt per layer)
   n+1    HeadPipe         final norm + LM head + loss (QwenVL._loss)
@@ -10,8 +11,9 @@ position_ids, segment_ids, labels and task_ids (ints never get gradients, so the
 (partition.py). A stage whose parameters are all frozen gets shape-(1,) trainable
 anchors used as `h + 0 * anchor` (see `pipeline_param_groups`): DeepSpeed needs a non-empty
 optimizer and a grad-requiring output per stage; losses and frozen weights are unchanged.
-Parameter names map back to the plain model's (`named_parameters_original`), so the group
-registry, optimizer groups and exported checkpoints are layout-independent.
+Parameter names map back to the plain model's through the same slots
+(`named_parameters_original`), so the group registry, optimizer groups and exported
+checkpoints are layout-independent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.module import PipelineModule
 from torch import nn
 
+from qwenvl_train.model import groups
 from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
 from qwenvl_train.model.qwenvl import QwenVL
 from qwenvl_train.training.losses import task_loss_sums
@@ -61,9 +64,15 @@ class _LLMParts:
 
 
 class PipeLayer(nn.Module):
-    """A pipeline layer; `prefixes` maps its children to the plain model's name prefixes."""
+    """A pipeline layer holding the modules of one registry slot (`groups.pipeline_slots`)
+    under their roles; `prefixes` maps each role back to the plain model's name prefix."""
 
-    prefixes: dict[str, str]
+    def __init__(self, model: QwenVL, slot: groups.PipeSlot) -> None:
+        super().__init__()
+        self.prefixes: dict[str, str] = {}
+        for role, path in slot.modules.items():
+            self.add_module(role, model.get_submodule(path))
+            self.prefixes[role] = path + "."
 
     def new_anchor(self) -> nn.Parameter:
         if not hasattr(self, ANCHOR):
@@ -79,12 +88,10 @@ class PipeLayer(nn.Module):
 
 
 class VisionEmbedPipe(PipeLayer):
-    def __init__(self, model: QwenVL) -> None:
-        super().__init__()
-        self.vit, self.adapter = model.vit, model.adapter
-        self.embed_tokens = model.llm.get_input_embeddings()
-        self.prefixes = {"vit": "vit.", "adapter": "adapter.",
-                         "embed_tokens": "llm.model.embed_tokens."}
+    """Roles vit, adapter, embed_tokens."""
+
+    def __init__(self, model: QwenVL, slot: groups.PipeSlot) -> None:
+        super().__init__(model, slot)
         self._shell = _Shell(vit=self.vit, adapter=self.adapter, num_queries=model.num_queries,
                              image_size=model.image_size, llm=_LLMParts(self.embed_tokens))
 
@@ -96,12 +103,12 @@ class VisionEmbedPipe(PipeLayer):
 
 
 class DecoderPipe(PipeLayer):
-    def __init__(self, model: QwenVL, index: int) -> None:
-        super().__init__()
-        self.layer = model.llm.model.layers[index]
-        self.rotary = model.llm.model.rotary_emb  # buffers only; shared by the stage's layers
+    """Roles layer (one decoder layer) and rotary (buffers only; shared by the stage's
+    layers)."""
+
+    def __init__(self, model: QwenVL, slot: groups.PipeSlot) -> None:
+        super().__init__(model, slot)
         self.attn_impl = model.llm.config._attn_implementation
-        self.prefixes = {"layer": f"llm.model.layers.{index}.", "rotary": "llm.model.rotary_emb."}
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
         h, ints = inputs
@@ -117,10 +124,10 @@ class DecoderPipe(PipeLayer):
 
 
 class HeadPipe(PipeLayer):
-    def __init__(self, model: QwenVL) -> None:
-        super().__init__()
-        self.norm, self.lm_head = model.llm.model.norm, model.llm.lm_head
-        self.prefixes = {"norm": "llm.model.norm.", "lm_head": "llm.lm_head."}
+    """Roles norm and lm_head."""
+
+    def __init__(self, model: QwenVL, slot: groups.PipeSlot) -> None:
+        super().__init__(model, slot)
         self._shell = _Shell(llm=_LLMParts(lm_head=self.lm_head))
         self.task_sums = task_loss_sums(device=torch.device("cpu"))
 
@@ -135,8 +142,9 @@ class HeadPipe(PipeLayer):
 
 
 def pipeline_layers(model: QwenVL) -> list[PipeLayer]:
-    n = len(model.llm.model.layers)
-    return [VisionEmbedPipe(model), *(DecoderPipe(model, i) for i in range(n)), HeadPipe(model)]
+    first, *decoders, last = groups.pipeline_slots(model.config.llm.num_layers)
+    return [VisionEmbedPipe(model, first), *(DecoderPipe(model, s) for s in decoders),
+            HeadPipe(model, last)]
 
 
 class QwenVLPipe(PipelineModule):

@@ -1,11 +1,13 @@
 """Megatron-style tensor parallelism applied to a plain (already initialised) model.
 
-A column-parallel linear keeps a contiguous slice of output rows (whole heads, or a slice
-of the MLP width); a row-parallel linear keeps the matching slice of input columns and
-sums the partial outputs over the tensor-parallel group. Per attention/MLP block that is
-one all-reduce forward (after the row-parallel layer) and one backward (before the
-column-parallel layers). Everything else (norms, embeddings, adapter, LM head) stays
-replicated and gets identical gradients on every tensor rank.
+Which linears split, and how, is the registry's (`groups.tensor_parallel_plan`): the
+attention and MLP of every ViT block and LLM decoder layer. A column-parallel linear keeps a
+contiguous slice of output rows (whole heads, or a slice of the MLP width); a row-parallel
+linear keeps the matching slice of input columns and sums the partial outputs over the
+tensor-parallel group. Per attention/MLP block that is one all-reduce forward (after the
+row-parallel layer) and one backward (before the column-parallel layers). Everything else
+(norms, embeddings, adapter, LM head) stays replicated and gets identical gradients on every
+tensor rank.
 
 Sharded parameters carry `tensor_model_parallel=True` and `partition_dim`, which is how
 DeepSpeed's ZeRO-1/2 norm code counts them once per tensor rank (replicated ones only on
@@ -20,6 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from qwenvl_train.model import groups
+from qwenvl_train.training.parallel.config import ParallelConfig
 
 
 class _CopyToTensorRegion(torch.autograd.Function):
@@ -98,55 +103,32 @@ class RowParallelLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def _replace(parent: nn.Module, name: str, kind: type, group, rank: int, world: int) -> None:
-    setattr(parent, name, kind(getattr(parent, name), group, rank, world))
+_STYLES = {groups.COLUMN: ColumnParallelLinear, groups.ROW: RowParallelLinear}
 
 
-def _split_llm(llm: nn.Module, group, rank: int, world: int) -> None:
-    cfg = llm.config
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if getattr(cfg, key) % world:
-            raise ValueError(f"tensor parallel size {world} does not divide llm {key}")
-    # HF Qwen2 attention infers the local head count from the projection width (`view(...,
-    # -1, head_dim)`) and keeps the q/kv ratio, so swapping the linears is enough.
-    for layer in llm.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj"):
-            _replace(attn, name, ColumnParallelLinear, group, rank, world)
-        _replace(attn, "o_proj", RowParallelLinear, group, rank, world)
-        for name in ("gate_proj", "up_proj"):
-            _replace(mlp, name, ColumnParallelLinear, group, rank, world)
-        _replace(mlp, "down_proj", RowParallelLinear, group, rank, world)
+def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
+    """Shard the linears of `groups.tensor_parallel_plan` (attention and MLP of every ViT
+    block and LLM decoder layer) of a QwenVL over `group`, in place.
 
-
-def _split_vit(vit: nn.Module, group, rank: int, world: int) -> None:
-    for block in vit.blocks:
-        attn = block.attn
-        if attn.heads % world:
-            raise ValueError(f"tensor parallel size {world} does not divide ViT heads {attn.heads}")
-        # in_proj rows are grouped per head ([q_h | k_h | v_h]), so a contiguous row slice
-        # is a set of whole heads.
-        _replace(attn, "in_proj", ColumnParallelLinear, group, rank, world)
-        _replace(attn, "out_proj", RowParallelLinear, group, rank, world)
-        attn.heads //= world
-        _replace(block.mlp, "c_fc", ColumnParallelLinear, group, rank, world)
-        _replace(block.mlp, "c_proj", RowParallelLinear, group, rank, world)
-
-
-def apply_tensor_parallel(model: nn.Module, group, *, vit: bool = True) -> nn.Module:
-    """Shard `model.llm` decoder layers (and ViT blocks when `vit`) over `group` in place.
-
-    `model` is a QwenVL (or a bare transformers causal LM). Every rank must hold the same
-    full weights beforehand (same seed or same checkpoint); parameter names are unchanged.
+    Every rank must hold the same full weights beforehand (same seed or same checkpoint);
+    parameter names are unchanged. HF Qwen2 attention infers the local head count from the
+    projection width (`view(..., -1, head_dim)`) and keeps the q/kv ratio, so swapping its
+    linears is enough; our ViT attention is told its local head count.
     """
     world = dist.get_world_size(group=group)
     if world == 1:
         return model
     rank = dist.get_rank(group=group)
-    llm = getattr(model, "llm", model)
-    _split_llm(llm, group, rank, world)
-    if vit and hasattr(model, "vit"):
-        _split_vit(model.vit, group, rank, world)
+    # Heads and MLP widths must split evenly: the config's rule, also for direct callers.
+    ParallelConfig(tp=world).validate(model=model.config)
+    for path, style in groups.tensor_parallel_plan(model.config).items():
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        setattr(owner, name, _STYLES[style](getattr(owner, name), group, rank, world))
+    for i in range(model.config.vision.layers):
+        # in_proj rows are grouped per head ([q_h | k_h | v_h]), so a contiguous row slice
+        # is a set of whole heads.
+        model.get_submodule(f"{groups.vit_block(i)}.{groups.VIT_BLOCK.attn}").heads //= world
     return model
 
 

@@ -2,16 +2,17 @@
 
 One topology (DeepSpeed's pipe x model x data grid, tensor ranks innermost so they share a
 node) describes every layout: `parallel.pp` pipeline stages, `parallel.tp` tensor-parallel
-ranks, and the rest of the world is data parallel. `validate_parallel` runs before any
-process group starts so a bad layout fails naming the key, not deep inside DeepSpeed.
+ranks, and the rest of the world is data parallel. `validate_parallel` (the world-size check;
+the other layout rules are `ParallelConfig.validate`'s) runs before any process group starts,
+so a bad layout fails naming the key, not deep inside DeepSpeed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from qwenvl_train.config import ConfigError, cfg_get
+from qwenvl_train.checks import ConfigError
+from qwenvl_train.training.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -28,58 +29,16 @@ class ParallelSizes:
         return f"pp{self.pp} x tp{self.tp} x dp{self.dp}"
 
 
-def validate_parallel(
-    parallel_cfg: Any, world_size: int, model_cfg: Any, zero_stage: int | None = None
-) -> ParallelSizes:
-    """Check a layout against the world size and the model; returns the sizes.
-
-    Raises ConfigError (a ValueError) naming the offending key and what is allowed."""
-    pp, tp = int(cfg_get(parallel_cfg, "pp", 1)), int(cfg_get(parallel_cfg, "tp", 1))
-    zero = int(cfg_get(parallel_cfg, "zero_stage", 0) if zero_stage is None else zero_stage)
-    for key, value in (("pp", pp), ("tp", tp)):
-        if value < 1:
-            raise ConfigError(f"parallel.{key}: must be >= 1, got {value}")
-    if zero not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: must be one of (0, 1, 2, 3), got {zero}")
+def validate_parallel(parallel: ParallelConfig, world_size: int) -> ParallelSizes:
+    """The sizes of a layout on `world_size` ranks: pp x tp must divide the world, the rest
+    is data parallel. Every other layout rule is `ParallelConfig.validate`'s, which
+    `config.to_schema` has run already. Raises ConfigError naming the keys."""
+    pp, tp = parallel.pp, parallel.tp
     if world_size % (pp * tp):
         raise ConfigError(
             f"parallel.pp x parallel.tp = {pp} x {tp} = {pp * tp} does not divide the world "
             f"size {world_size}; allowed: pp * tp a divisor of {world_size}"
         )
-    if pp > 1 and zero != 1:
-        # ZeRO-2/3 partition gradients, which the pipeline engine's own reduction cannot
-        # handle; ZeRO-0 under a pipeline computes the clipping norm on the wrong group
-        # and fails to reload bf16 checkpoints.
-        raise ConfigError(
-            f"parallel.zero_stage: must be 1 with pipeline parallelism (parallel.pp={pp}), "
-            f"got {zero}"
-        )
-    if tp > 1 and zero == 3:
-        raise ConfigError(
-            f"parallel.zero_stage: 3 (partitioned parameters) is not supported with "
-            f"tensor parallelism (parallel.tp={tp}); allowed: 0, 1, 2"
-        )
-    layers = int(cfg_get(model_cfg, "llm.num_layers", 0))
-    if pp > 1 and layers and pp > layers:
-        raise ConfigError(
-            f"parallel.pp: {pp} stages exceed model.llm.num_layers={layers}; allowed: "
-            f"1..{layers}"
-        )
-    if pp > 1 and bool(cfg_get(model_cfg, "llm.tie_word_embeddings", False)):
-        raise ConfigError(
-            "parallel.pp: pipeline parallelism needs untied embeddings "
-            "(model.llm.tie_word_embeddings=false): the embedding and the LM head live on "
-            "different stages"
-        )
-    if tp > 1:
-        for key in ("llm.num_heads", "llm.num_kv_heads", "llm.intermediate_size",
-                    "vision.heads", "vision.mlp_dim"):
-            value = cfg_get(model_cfg, key)
-            if value is not None and int(value) % tp:
-                raise ConfigError(
-                    f"parallel.tp: {tp} does not divide model.{key}={value}; tensor "
-                    f"parallelism splits it evenly across ranks"
-                )
     return ParallelSizes(pp=pp, tp=tp, dp=world_size // (pp * tp))
 
 
