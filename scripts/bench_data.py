@@ -94,7 +94,8 @@ def build_shards(root: Path, n: int) -> None:
 def bench_ours(root: Path, stage: dict, samples: int, mb: int, workers: int) -> float:
     """samples per CPU-second (workers=0) or per wall-second (workers>0)."""
     clock = time.process_time if workers == 0 else time.perf_counter
-    cfg = DataConfig(root=str(root), sources={"bench": SourceConfig("bench-*.tar")})
+    cfg = DataConfig(root=str(root), sources={"bench": SourceConfig("bench-*.tar")},
+                     virtual_streams=1)  # one stream: per-worker throughput
     loader = build_loader(cfg, get_tokenizer(), **stage, num_image_tokens=256, dp_rank=0,
                           dp_size=1, micro_batch_size=mb, seed=0, num_workers=workers)
     it = iter(loader)

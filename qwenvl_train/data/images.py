@@ -68,17 +68,23 @@ def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
     return x[0]
 
 
+def stack_into(out: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
+    """Images [n_i, 3, S, S] -> written one after another into `out` [N, 3, S, S] (any
+    dtype: uint8 -> float converts, channels-last -> planar)."""
+    i = 0
+    for x in images:
+        out[i:i + x.shape[0]].copy_(x)
+        i += x.shape[0]
+    return out
+
+
 def normalize_into(out: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
     """uint8 images [n_i, 3, S, S] -> CLIP-normalised float written into `out` [N, 3, S, S].
 
-    Images travel through the pipeline as uint8 (4x less memory in packing buffers) and
-    become float only here, written straight into the batch tensor: one pass, no
-    per-image float copies."""
-    i = 0
-    for x in images:
-        out[i:i + x.shape[0]].copy_(x)  # uint8 -> float, channels-last -> planar
-        i += x.shape[0]
-    return out.mul_(_SCALE).add_(_SHIFT)
+    Images travel through the pipeline as uint8 (4x less memory in packing buffers and
+    between ranks) and become float only here, written straight into the batch tensor: one
+    pass, no per-image float copies."""
+    return stack_into(out, images).mul_(_SCALE).add_(_SHIFT)
 
 
 def load_image_uint8(data: bytes, size: int, *, max_pixels: int | None = None,

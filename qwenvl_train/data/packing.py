@@ -16,7 +16,7 @@ from torch.utils.data import get_worker_info
 from qwenvl_train.tokens import IGNORE_INDEX
 
 from .encode import EncodedSample
-from .images import normalize_into
+from .images import normalize_into, stack_into
 from .schema import TASK_INDEX
 
 
@@ -66,26 +66,37 @@ class Packer:
         self.open = [Row(task, list(ss), sum(len(s) for s in ss)) for task, ss in rows]
 
 
-def _batch_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Per-sample uint8 images -> one normalised float tensor [N, 3, S, S]."""
+def _batch_images(images: list[torch.Tensor], size: int, normalize: bool) -> torch.Tensor:
+    """Per-sample uint8 images -> one tensor [N, 3, S, S]: CLIP-normalised float, or uint8
+    (`normalize=False`; `normalize_batch_images` finishes it later)."""
     n = sum(int(x.shape[0]) for x in images)
+    dtype = torch.float32 if normalize else torch.uint8
     if get_worker_info() is not None and n:
         # In a DataLoader worker, build the batch in shared memory directly: otherwise
         # sending it to the trainer copies it once more (the default collate does this too).
-        storage = torch.UntypedStorage._new_shared(n * 3 * size * size * 4)
-        out = torch.empty(0).set_(storage).view(n, 3, size, size)
+        storage = torch.UntypedStorage._new_shared(n * 3 * size * size * dtype.itemsize)
+        out = torch.empty(0, dtype=dtype).set_(storage).view(n, 3, size, size)
     else:
-        out = torch.empty((n, 3, size, size))
-    return normalize_into(out, images)
+        out = torch.empty((n, 3, size, size), dtype=dtype)
+    return normalize_into(out, images) if normalize else stack_into(out, images)
+
+
+def normalize_batch_images(batch: dict) -> dict:
+    """A batch collated with `normalize=False` -> its images CLIP-normalised float (the
+    same values `collate` would have written)."""
+    images = batch["images"]
+    if images.dtype == torch.uint8:
+        batch["images"] = normalize_into(torch.empty(images.shape), [images])
+    return batch
 
 
 def collate(rows: list[list[EncodedSample]], pad_id: int, image_size: int,
             length: int | None = None, pad_to_multiple_of: int = 1,
-            max_len: int | None = None) -> dict:
+            max_len: int | None = None, normalize: bool = True) -> dict:
     """Rows of samples -> the batch dict of docs/contracts.md.
 
     `length`: fixed row length (packing); otherwise the longest row rounded up to
-    `pad_to_multiple_of` (capped at `max_len`).
+    `pad_to_multiple_of` (capped at `max_len`). `normalize=False` leaves the images uint8.
     """
     lens = [sum(len(s) for s in row) for row in rows]
     if length is None:
@@ -117,10 +128,14 @@ def collate(rows: list[list[EncodedSample]], pad_id: int, image_size: int,
         # Pads continue counting from the last sample's last position.
         last = int(position_ids[i, pos - 1]) + 1 if pos else 0
         position_ids[i, pos:] = torch.arange(last, last + length - pos)
-    imgs = _batch_images(images, image_size)
+    imgs = _batch_images(images, image_size, normalize)
     return {
         "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
         "segment_ids": segment_ids, "images": imgs, "task_ids": task_ids,
         "keys": keys, "sources": sources, "num_samples": len(keys),
         "num_images": int(imgs.shape[0]), "num_real_tokens": int(sum(lens)),
+        # for cost estimates (balance.py): label positions, sum of squared sample lengths
+        "num_loss_tokens": int(sum(int((s.labels != IGNORE_INDEX).sum()) for r in rows
+                                   for s in r)),
+        "seg_sq_tokens": sum(len(s) ** 2 for r in rows for s in r),
     }
