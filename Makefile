@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= demo_data
 DEMO := model=tiny data=demo scale=demo data.root=$(DEMO_DATA)
+DEMO_CHAT ?= $(DEMO_DIR)/chat
 
 .PHONY: install demo test lint clean
 
@@ -28,6 +29,12 @@ demo: install $(DEMO_DATA)/.built
 	$(VENV)/bin/qwenvl-train stage=pretrain $(DEMO) run_dir=$(DEMO_DIR)/pretrain
 	$(VENV)/bin/qwenvl-train stage=multitask $(DEMO) run_dir=$(DEMO_DIR)/multitask init_from=$(DEMO_DIR)/pretrain
 	$(VENV)/bin/qwenvl-train stage=sft $(DEMO) run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/multitask
+	# Talk to the SFT model: one grounding question about an unseen scene; prints the answer
+	# and, when it holds a box, the image with the box drawn (a tiny model answers poorly).
+	$(PY) scripts/demo_chat_prompts.py --out $(DEMO_CHAT)
+	$(VENV)/bin/qwenvl-chat $(DEMO_DIR)/sft/export --batch $(DEMO_CHAT)/prompts.jsonl \
+		--out $(DEMO_CHAT)/answers.jsonl --box-dir $(DEMO_CHAT)/boxes --max-new-tokens 48
+	# Evaluation of the SFT model on the held-out demo shards goes here (issue 12, item 5).
 
 test: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/ruff check .

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qwenvl_train.checks import ConfigError, choice, positive
 from qwenvl_train.data.config import DataConfig
-from qwenvl_train.model.config import QwenVLConfig
+from qwenvl_train.model.config import ExportConfig, QwenVLConfig
 from qwenvl_train.training.config import CheckpointConfig, StageConfig
 from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.parallel.config import ParallelConfig
@@ -43,6 +43,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     run_dir: str = "runs/pretrain"
     seed: int = 1234
     init_from: str | None = None
@@ -51,6 +52,8 @@ class TrainConfig:
     nan_policy: str = "skip"
     max_consecutive_nan: int = 5
     export_at_end: bool = True
+    # Trainer callbacks to install: "pkg.module.Name" or {_target_: ..., kwargs} (callbacks.py)
+    callbacks: list[Any] = field(default_factory=list)
 
     def validate(self) -> None:
         self.stage.validate("stage")
@@ -59,6 +62,7 @@ class TrainConfig:
         self.parallel.validate("parallel", self.model)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
+        self.export.validate("export")
         choice("resume", self.resume, ("auto", "never"))
         choice("nan_policy", self.nan_policy, ("skip", "stop"))
         positive("log_every", self.log_every)
@@ -113,12 +117,26 @@ def to_schema(cfg: DictConfig | dict) -> TrainConfig:
         detail = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"{key}: {detail}") from None
     try:
+        check_weights(typed)
         typed.validate()
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return typed
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    """Sizes from the weight sources (`model.sizes=from_weights`), then every source checked
+    against the model config: reads JSON and safetensors headers only, before anything is
+    built (model/source_config.py)."""
+    from qwenvl_train.model import source_config
+
+    sizes = cfg.model.sizes
+    cfg.model = source_config.resolve_model_sizes(cfg.model, cfg.init_from)
+    problems = source_config.check_weight_sources(cfg.model, cfg.init_from)
+    if problems:
+        raise ConfigError(source_config.weight_source_error(problems, sizes))
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

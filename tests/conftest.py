@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What subprocesses import from: the checkout (also `tests.plugins.*`, the trainer callbacks
+# the tests install) and, by name, the test helpers and the workers' shared modules.
+IMPORT_PATH = [REPO, REPO / "tests", REPO / "tests" / "workers"]
 
 
 def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
+    path = os.pathsep.join([*map(str, IMPORT_PATH), env.get("PYTHONPATH", "")])
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true",
-               PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
+               PYTHONPATH=path)
     env.update(extra or {})
     return env
 
@@ -61,9 +65,10 @@ def launch_torchrun(args: list[str], nproc: int, *, results: Path, env: dict | N
 def torchrun(tmp_path):
     """Run `python -m torch.distributed.run --nproc_per_node=N ARGS...`.
 
-    Worker scripts write their per-rank results to `$QWENVL_RESULTS_DIR/rank{r}.json`;
-    they come back as `result.ranks`. A non-zero exit fails the test with the output
-    unless `check=False`."""
+    Worker scripts (tests/workers/) write their per-rank results to
+    `$QWENVL_RESULTS_DIR/rank{r}.json`, training runs through the `results.RankResults`
+    callback (tests/plugins/); they come back as `result.ranks`. A non-zero exit fails the
+    test with the output unless `check=False`."""
 
     def launch(args: list[str], nproc: int, *, env: dict | None = None, timeout: int = 300,
                check: bool = True) -> RunResult:

@@ -10,15 +10,11 @@ checkpoint save/reload and consolidated export under tp2xdp2 and pp2xtp2."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
+import parallel_common as pc
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
-
-import parallel_common as pc  # noqa: E402
 
 WORKER = "tests/workers/parallel_train.py"
 TOL = 1e-5

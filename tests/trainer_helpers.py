@@ -20,6 +20,18 @@ def overrides(run_dir: Path, demo_data: Path, *extra: str, steps: int = 6,
     ]
 
 
+def plugin(name: str, **kwargs) -> str:
+    """One entry of `callbacks`: a trainer callback of tests/plugins with its arguments,
+    e.g. plugin("faults.KillAfterStep", step=5)."""
+    args = "".join(f",{key}:{value!r}" for key, value in kwargs.items())
+    return f"{{_target_:tests.plugins.{name}{args}}}"
+
+
+def callbacks(*plugins: str) -> str:
+    """The override that installs `plugins` into the run's trainer."""
+    return f"callbacks=[{','.join(plugins)}]"
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss; a step logged twice (before a crash and after resume) keeps the last."""
     out: dict[int, float] = {}

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from qwenvl_train.config import CONFIG_DIR, ConfigError, to_schema, validate_launch
+from qwenvl_train.training.callbacks import load_callbacks
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
@@ -29,12 +30,13 @@ def _app(raw: DictConfig) -> None:
     try:
         cfg = to_schema(raw)
         validate_launch(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        callbacks = load_callbacks(cfg.callbacks)
     except ConfigError as e:
         print(f"qwenvl-train: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
     from qwenvl_train.training.run import run
 
-    run(cfg)
+    run(cfg, callbacks)
 
 
 def main() -> None:

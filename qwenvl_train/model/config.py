@@ -16,6 +16,10 @@ from qwenvl_train.tokens import IMG_PAD_ID
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 POST_GROUPS = (VIT, ADAPTER)  # where adapter.ln_post/proj may belong (groups.py)
+# config: the sizes below as written; from_weights: read from the weight sources' configs
+# (model/source_config.py) before the model is built.
+SIZES = ("config", "from_weights")
+EXPORT_FORMATS = ("consolidated", "released", "hf_llm")
 
 
 def _err(prefix: str, key: str, msg: str) -> ValueError:
@@ -113,6 +117,24 @@ class WeightsConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What a finished run writes under run_dir/export (model/export.py): `consolidated`
+    (model.safetensors + config.json, our names; what init_from reads), `released` (the
+    released Qwen-VL layout in export/released/), `hf_llm` (export/llm/, the LLM as a
+    transformers directory with its tokenizer)."""
+
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    max_shard_gb: float = 2.0  # size of one safetensors shard of the released layout
+
+    def validate(self, prefix: str = "export") -> None:
+        for fmt in self.formats:
+            if fmt not in EXPORT_FORMATS:
+                raise _err(prefix, "formats", f"{fmt!r} is not a format; choose from "
+                           f"{list(EXPORT_FORMATS)}")
+        _positive(self, prefix, "max_shard_gb")
+
+
+@dataclass
 class GradCkptConfig:
     vit: bool = True
     llm: bool = True
@@ -126,6 +148,7 @@ class GradCkptConfig:
 @dataclass
 class QwenVLConfig:
     name: str = "qwenvl_7b"
+    sizes: str = "config"  # config | from_weights
     vision: VisionConfig = field(default_factory=VisionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -139,6 +162,8 @@ class QwenVLConfig:
         self.llm.validate(f"{prefix}.llm")
         self.gradient_checkpointing.validate(f"{prefix}.gradient_checkpointing")
         self.weights.validate(f"{prefix}.weights")
+        if self.sizes not in SIZES:
+            raise _err(prefix, "sizes", f"must be one of {SIZES}, got {self.sizes!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise _err(prefix, "attn_implementation",
                        f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qwenvl_train.training.faults import kill_if_armed
+from qwenvl_train.model.source_config import resolve_init_from  # noqa: F401 (torch-free home)
 
 LATEST = "latest"
 
@@ -62,13 +63,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int) -> Path:
-    """Save on every rank; move `latest` only after every rank finished writing."""
+         keep_last: int, on_written: Callable[[Path], None] | None = None) -> Path:
+    """Save on every rank; move `latest` only after every rank finished writing.
+    `on_written(path)` runs once this rank's files are in `path`, before `latest` moves."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    kill_if_armed(f"kill_in_save:{step}")
     torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
+    if on_written is not None:
+        on_written(root / tag)
     dist.barrier()
     if rank == 0:
         tmp = root / f".{LATEST}.tmp"
@@ -103,15 +106,3 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     state = torch.load(path, weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
-
-
-def resolve_init_from(path: str | Path) -> Path:
-    """The consolidated export a stage starts from: an export dir, or a run dir's export."""
-    path = Path(path)
-    for candidate in (path, path / "export"):
-        if (candidate / "model.safetensors").exists():
-            return candidate
-    raise FileNotFoundError(
-        f"init_from={path}: no model.safetensors in it or in {path / 'export'}; point it at "
-        "a finished stage's run_dir (exports at the end) or an export directory"
-    )

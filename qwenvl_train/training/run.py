@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,14 @@ import torch.distributed as dist
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
+from qwenvl_train.model.source_config import (
+    frozen_random_parts,
+    frozen_random_warning,
+    resolve_init_from,
+)
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
 from qwenvl_train.training.optim import (
     Schedule,
     build_optimizer,
@@ -62,7 +68,7 @@ def build_qwenvl(cfg: TrainConfig):
     with context:
         model = build_model(cfg.model, image_size=cfg.stage.image_size)
     if cfg.init_from:
-        source = ckpt.resolve_init_from(cfg.init_from)
+        source = resolve_init_from(cfg.init_from)
         log.info("initialising weights from %s", source)
         load_consolidated(model, source)
     else:
@@ -115,26 +121,42 @@ def dummy_batch(cfg: TrainConfig) -> dict:
     }
 
 
-def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
-    """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
-    from qwenvl_train.model.qwenvl import build_model
-    from qwenvl_train.model.weights import export_consolidated
+def build_engine(cfg: TrainConfig, par):
+    """Optimizer groups of the layout `par`, AdamW, the stage's schedule -> DeepSpeed engine."""
+    param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
+    optim = cfg.stage.optim
+    optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
+                                eps=optim.eps)
+    schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
+                        optim.schedule)
+    scheduler = build_scheduler(optimizer, schedule)
+    return par.initialize(optimizer, scheduler, deepspeed_config(cfg, par.sizes.dp))
+
+
+def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
+    """Full weights of any layout -> run_dir/export in `export.formats` (model/export.py);
+    returns where each format went (on rank 0; empty elsewhere)."""
+    from qwenvl_train.model.export import export_model
 
     state = par.full_state_dict()  # collective; full tensors on rank 0
-    out = Path(cfg.run_dir) / "export"
+    # LoRA: merge the adapters into `state` here, before any format is written.
+    paths: dict[str, Path] = {}
     if dist_info.is_main:
-        with torch.device("meta"):  # names and the LLM config only; no memory
-            skeleton = build_model(cfg.model, image_size=cfg.stage.image_size)
-        export_consolidated(skeleton, cfg.model, out, state_dict=state)
+        paths = export_model(state, cfg.model, Path(cfg.run_dir) / "export", cfg.export.formats,
+                             chat=cfg.stage.template == "sft", image_size=cfg.stage.image_size,
+                             seq_length=cfg.stage.seq_len, max_shard_gb=cfg.export.max_shard_gb)
     dist.barrier()
-    return out
+    return paths
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
+    """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
+    if callbacks is None:
+        callbacks = load_callbacks(cfg.callbacks)
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)
     resolved_config = cfg.to_dict()
@@ -145,19 +167,13 @@ def run(cfg: TrainConfig) -> dict:
 
     model = build_qwenvl(cfg)
     freeze(cfg, model)
+    random_frozen = frozen_random_parts(cfg.model, cfg.stage.trainable, cfg.init_from)
+    if random_frozen and dist_info.is_main:
+        log.warning("WARNING: %s", frozen_random_warning(random_frozen))
     par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
     dp_size = par.sizes.dp
     accum = cfg.stage.grad_accumulation_steps(dp_size)
-    param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
-    optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
-                       else {})  # measured before DeepSpeed flattens the groups
-    optim = cfg.stage.optim
-    optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
-                                eps=optim.eps)
-    schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
-                        optim.schedule)
-    scheduler = build_scheduler(optimizer, schedule)
-    engine = par.initialize(optimizer, scheduler, deepspeed_config(cfg, dp_size))
+    engine = build_engine(cfg, par)
     del model
 
     loader = None
@@ -186,11 +202,12 @@ def run(cfg: TrainConfig) -> dict:
     meter = ThroughputMeter.create(cfg, dp_size=dp_size, device=dist_info.device)
     meter.load_state_dict(meter_state)
     trainer = Trainer(cfg, dist_info, engine, par, loader, data, tracker, meter, accum,
-                      dummy_batch(cfg), state)
+                      dummy_batch(cfg), state, callbacks)
     try:
         last = trainer.fit()
+        exported = {}
         if cfg.export_at_end and state.step >= cfg.stage.steps:
-            export(cfg, par, dist_info)
+            exported = export(cfg, par, dist_info)
     finally:
         tracker.close()
         if source is not None:
@@ -198,13 +215,16 @@ def run(cfg: TrainConfig) -> dict:
             # would wait on them).
             source.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
-                                      if isinstance(v, (int, float, bool))}}
+                                      if isinstance(v, (int, float, bool))},
+               "exports": {k: str(v) for k, v in exported.items()},
+               "random_frozen_parts": random_frozen}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    out = os.environ.get("QWENVL_RESULTS_DIR")
-    if out:  # per-rank facts for the multi-process tests
-        result = {"rank": dist_info.rank, "summary": summary, **optimizer_check}
-        Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))
+        for fmt, path in exported.items():
+            log.info("export %-12s -> %s", fmt, path)
+        if random_frozen:
+            log.warning("WARNING (run summary): %s", frozen_random_warning(random_frozen))
+    trainer.callbacks.on_run_end(trainer, summary)
     return summary
 
 
@@ -214,15 +234,3 @@ def _agreed(value):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def _optimizer_check(model, param_groups: list[dict]) -> dict:
-    """Does the optimizer hold exactly the trainable parameters?"""
-    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
-    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    return {
-        "optimizer_numel": sum(numel(p) for g in param_groups for p in g["params"]),
-        "trainable_numel": sum(numel(p) for p in model.parameters() if p.requires_grad),
-        "optimizer_equals_trainable": in_optimizer == trainable,
-        "frozen_in_optimizer": len(in_optimizer - trainable),
-    }

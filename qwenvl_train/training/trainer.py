@@ -5,7 +5,8 @@ resume), then `Trainer.fit` loops: micro-batches -> forward -> agreed NaN check 
 -> DeepSpeed step (clip, accumulate, schedule) -> log -> checkpoint.
 
 A non-finite loss skips the whole step on every layout: no parameter, optimizer moment or
-optimizer step count changes, while the LR schedule follows the trainer's step counter.
+optimizer step count changes, while the LR schedule follows the trainer's step counter. Callbacks
+(training/callbacks.py) run user code at the loop's events.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from qwenvl_train.data.schema import REASONS, TASKS
 from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
-from qwenvl_train.training import faults
+from qwenvl_train.training.callbacks import CallbackList, TrainerCallback
 from qwenvl_train.training.losses import task_loss_sums
 from qwenvl_train.training.optim import lr_by_module_group, skipped_update
 from qwenvl_train.training.parallel.engine import DistInfo
@@ -96,13 +98,16 @@ def _mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, par, loader, data,
-                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState):
+                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState,
+                 callbacks: Sequence[TrainerCallback] = ()):
         """`par` is the layout (training/parallel/parallelize.py); `loader` is None on
-        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches."""
+        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches;
+        `callbacks` run at the loop's events (training/callbacks.py)."""
         self.cfg, self.dist, self.engine, self.par = cfg, dist_info, engine, par
         self.loader, self.data = loader, data
         self.tracker, self.meter = tracker, meter
         self.accum, self.dummy_batch, self.state = accum, dummy_batch, state
+        self.callbacks = CallbackList(callbacks)
         self.param_dtype = next(engine.module.parameters()).dtype
         self.preempt = PreemptionFlag()
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
@@ -112,9 +117,7 @@ class Trainer:
         """Forward + backward of one micro-batch; returns (loss, per-task sums, finite)."""
         inputs = _to_device(batch, self.dist.device, self.param_dtype)
         out = self.engine(**inputs)
-        if faults.armed(f"nan_loss:{self.state.step + 1}") and self.dist.rank == \
-                self.dist.world_size - 1:
-            out.loss = out.loss * float("nan")
+        out.loss = self.callbacks.on_loss(self, self.state.step + 1, out.loss)
         # Every rank must take the same path, or the collectives inside backward hang.
         if _any_rank(~torch.isfinite(out.loss.detach())):
             self._report_nonfinite(batch, out.loss)
@@ -201,6 +204,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, state = self.cfg, self.state
         last = {}
+        self.callbacks.on_train_start(self)
         while state.step < cfg.stage.steps:
             if self.par.is_pipeline:
                 result = self._pipeline_step(self.data)
@@ -209,7 +213,7 @@ class Trainer:
             self._count_step(result.applied)
             state.step += 1
             last = self._log(result)
-            faults.kill_if_armed(f"kill_after_step:{state.step}")
+            self.callbacks.on_step_end(self, state.step, last)
             stop = _any_rank(self.preempt.requested, self.dist.device)
             at_end = state.step == cfg.stage.steps
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
@@ -223,8 +227,10 @@ class Trainer:
     def save(self) -> None:
         self.state.loader = self.loader.state_dict() if self.loader is not None else {}
         self.state.meter = self.meter.state_dict()
-        ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
-                  self.dist.rank, self.cfg.checkpoint.keep_last)
+        step = self.state.step
+        ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
+                  self.dist.rank, self.cfg.checkpoint.keep_last,
+                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path))
 
     def _global_data_stats(self) -> dict[str, float]:
         """Loader counters summed over all readers (ranks without a loader add zeros)."""

@@ -80,7 +80,10 @@ def make_batch(step: int, dp_rank: int, micro: int, text_only: bool = False) -> 
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg,
             "task_ids": tasks,
             "images": torch.randn(n_img, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
-            "keys": [f"s{step}-r{dp_rank}-m{micro}-{b}" for b in range(MICRO_BATCH)]}
+            "keys": [f"s{step}-r{dp_rank}-m{micro}-{b}" for b in range(MICRO_BATCH)],
+            # the loader's counts, which the trainer's throughput meter reads
+            "num_samples": 2 * MICRO_BATCH, "num_images": n_img,
+            "num_real_tokens": int((seg > 0).sum())}
 
 
 def step_batches(step: int, dp: int) -> list[list[dict]]:
