@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from qwenvl_train.checks import ConfigError
 from qwenvl_train.training.observe import flops
 from qwenvl_train.training.observe.memory import (
+    MASKLESS,
     Layout,
     Memory,
     Options,
@@ -140,6 +141,7 @@ class PlanRow:
     max_mb_ckpt: int
     step_flops: float
     step_time: float  # seconds at the stated MFU on all GPUs
+    options: Options  # what the peak assumes (from the config, for CUDA)
 
 
 def plan_row(cfg: TrainConfig, layout_name: str, world: int, device: GPU, mfu: float) -> PlanRow:
@@ -157,7 +159,7 @@ def plan_row(cfg: TrainConfig, layout_name: str, world: int, device: GPU, mfu: f
         act_ckpt=memory_for(cfg, layout, with_ckpt, rows).activations,
         max_mb_no_ckpt=max_micro_batch(cfg, layout, without, device.usable),
         max_mb_ckpt=max_micro_batch(cfg, layout, with_ckpt, device.usable),
-        step_flops=step, step_time=step / (world * device.peak_flops * mfu))
+        step_flops=step, step_time=step / (world * device.peak_flops * mfu), options=opt)
 
 
 def format_table(rows: list[PlanRow], device: GPU, world: int, mfu: float) -> str:
@@ -184,7 +186,20 @@ def format_table(rows: list[PlanRow], device: GPU, world: int, mfu: float) -> st
     lines.append("act: activations per GPU at the stage's micro-batch (mb rows); peak: "
                  "states + activations + the largest transient, with the config's "
                  "checkpointing; max mb: the largest micro-batch that fits")
+    for text in sorted({describe(r.options) for r in rows}):
+        lines.append(f"assumed: {text}")
     return "\n".join(lines)
+
+
+def describe(opt: Options) -> str:
+    """The options a plan assumed, in config terms."""
+    ckpt = ", ".join(f"{part} every {k} layer(s)" if k else f"{part} off"
+                     for part, k in opt.checkpoint.items())
+    mask = "no [L, L] mask" if opt.attention in MASKLESS else "a [B, 1, L, L] mask"
+    names = {4: "fp32", 2: "bf16"}
+    return (f"precision {names[opt.param_bytes]} (gradients {names[opt.grad_bytes]}), "
+            f"attention {opt.attention} ({mask}), loss {'chunked' if opt.chunked_loss else 'plain'}"
+            f", checkpointing {ckpt}, AdamW {'fused' if opt.fused_adamw else 'multi-tensor'}")
 
 
 # ---- the pre-launch check ----------------------------------------------------------------
