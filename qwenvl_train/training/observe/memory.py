@@ -47,9 +47,11 @@ margin of the GPU's memory for them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -125,7 +127,6 @@ class Memory:
     transient: float = 0.0  # the largest short-lived block on top, at the peak
     step_transient: float = 0.0  # on top of the model states during the optimizer step
     stage: int = 0  # the pipeline stage described
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def states(self) -> float:
@@ -212,7 +213,7 @@ def _param_counts_cached(model_json: str) -> ParamCounts:
     from qwenvl_train.model.config import QwenVLConfig
     from qwenvl_train.model.qwenvl import build_model
 
-    model_cfg = QwenVLConfig.from_dict(__import__("json").loads(model_json))
+    model_cfg = QwenVLConfig.from_dict(json.loads(model_json))
     with torch.device("meta"):  # names and shapes only, no memory
         model = build_model(model_cfg, image_size=model_cfg.vision.patch_size)
     slots = groups.pipeline_slots(model_cfg.llm.num_layers)
@@ -234,9 +235,6 @@ def _param_counts_cached(model_json: str) -> ParamCounts:
 
 
 def param_counts(model_cfg: QwenVLConfig) -> ParamCounts:
-    import dataclasses
-    import json
-
     return _param_counts_cached(json.dumps(dataclasses.asdict(model_cfg), sort_keys=True))
 
 
