@@ -61,7 +61,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .balance import assign, straggler_ratio
 from .config import DataConfig
 from .global_order import GlobalOrder, check_cover
-from .packing import normalize_batch_images
 from .reader import expand_sources
 from .shards import read_manifests
 from .stream import DataError, LoaderSpec, Stream, new_stats
@@ -174,7 +173,7 @@ class TrainLoader:
             self._cursors.update(cursors)
             self._step += 1
             for batch in mine:
-                yield normalize_batch_images(batch)
+                yield batch
 
     def _distribute(self, step: int, produced: dict[int, dict]) -> list[dict]:
         """This rank's micro-batches of `step`, ascending: balance.py decides who trains

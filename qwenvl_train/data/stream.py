@@ -176,17 +176,15 @@ class Stream:
             yield rows
 
     def collate(self, rows: Rows) -> dict:
-        """Step 10: rows -> the batch dict of docs/contracts.md, images still uint8 (the
-        loader normalises them when it hands the micro-batch over: 4x less to hold for a
-        step and to move between ranks); counts what went in."""
+        """Step 10: rows -> the batch dict of docs/contracts.md, images uint8 (the model
+        normalises them on its device: 4x less to hold for a step, to move between ranks
+        and to send to the trainer); counts what went in."""
         spec = self.spec
         if self.packer is not None:
-            batch = collate(rows, self.tok.pad_id, spec.image_size, length=spec.seq_len,
-                            normalize=False)
+            batch = collate(rows, self.tok.pad_id, spec.image_size, length=spec.seq_len)
         else:
             batch = collate(rows, self.tok.pad_id, spec.image_size,
-                            pad_to_multiple_of=spec.pad_to_multiple_of, max_len=spec.seq_len,
-                            normalize=False)
+                            pad_to_multiple_of=spec.pad_to_multiple_of, max_len=spec.seq_len)
         st = self.stats
         st["samples"] += batch["num_samples"]
         st["images"] += batch["num_images"]

@@ -121,7 +121,7 @@ def dummy_batch(cfg: TrainConfig) -> dict:
         "labels": torch.tensor([[IGNORE_INDEX, tok.eod_id]]),
         "position_ids": torch.tensor([[0, 1]]),
         "segment_ids": torch.ones_like(ids),
-        "images": torch.zeros(0, 3, size, size),
+        "images": torch.zeros(0, 3, size, size, dtype=torch.uint8),
         "task_ids": torch.zeros_like(ids),
     }
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
+from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.callbacks import CallbackList, TrainerCallback
@@ -118,7 +119,7 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in _MODEL_INPUTS}
-    out["images"] = out["images"].to(dtype)
+    out["images"] = normalize_images(out["images"], dtype)  # uint8 or float -> dtype
     return out
 
 
