@@ -61,10 +61,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .balance import assign, straggler_ratio
 from .config import DataConfig
 from .global_order import GlobalOrder, check_cover
-from .reader import expand_sources
-from .shards import read_manifests
+from .selection import resolve_sources
 from .stream import DataError, LoaderSpec, Stream, new_stats
-from .templates import ACCEPTS
 from .tokenizer import QwenVLTokenizer
 
 log = logging.getLogger("qwenvl_train.data")
@@ -257,27 +255,6 @@ class TrainLoader:
             total[f"skipped_{reason}"] = n
         total["packing_efficiency"] = total["tokens"] / total["slots"] if total["slots"] else 0.0
         return total
-
-
-def resolve_sources(cfg: DataConfig, template: str) -> list[tuple[str, list[str], float]]:
-    """Step 1: expand patterns (a source that matches nothing is an error naming it, as
-    the launch check `config.validate_launch` reports it); drop shards (and sources) the
-    template cannot use."""
-    sources = expand_sources(cfg)
-    folders = {os.path.dirname(s) for _, shards, _ in sources for s in shards}
-    manifests = read_manifests(cfg.root, folders) if cfg.use_manifests else {}
-    out = []
-    for name, shards, weight in sources:
-        usable = [s for s in shards if s not in manifests
-                  or set(manifests[s].get("tasks", {})) & ACCEPTS[template]]
-        if usable:
-            out.append((name, usable, weight))
-        else:
-            log.info("data: source %s has no %s-template tasks; not used", name, template)
-    if not out:
-        raise ValueError(f"data.sources: no source has samples that the {template!r} "
-                         f"template takes (tasks {sorted(ACCEPTS[template])})")
-    return out
 
 
 def build_loader(data: DataConfig, tokenizer: QwenVLTokenizer, *, template: str,
