@@ -5,6 +5,9 @@ VENV ?= .venv
 # GPU users pick their CUDA build, e.g. `make demo TORCH_SPEC="torch==2.5.1"`.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# Written from the torch installed first; every later install takes it (`pip install -c`), so
+# a package that depends on torch cannot replace the chosen build (README: Set-up).
+CONSTRAINTS := $(VENV)/constraints.txt
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= demo_data
 DEMO := model=tiny data=demo scale=demo data.root=$(DEMO_DATA)
@@ -16,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -c "import torch; print(f'torch=={torch.__version__}')" > $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,demo]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -17,19 +17,27 @@ torch, transformers or deepspeed: rejecting a bad override takes about a second.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from qwenvl_train.checks import ConfigError, choice, positive
 from qwenvl_train.data.config import DataConfig
+from qwenvl_train.data.reader import expand_sources
 from qwenvl_train.eval.config import EvalConfig
-from qwenvl_train.model.config import QwenVLConfig
+from qwenvl_train.model.config import ExportConfig, QwenVLConfig
 from qwenvl_train.training.config import CheckpointConfig, StageConfig
 from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.parallel.config import ParallelConfig
@@ -45,6 +53,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/pretrain"
     seed: int = 1234
@@ -62,8 +71,10 @@ class TrainConfig:
         self.model.validate("model")
         self.data.validate("data")
         self.parallel.validate("parallel", self.model)
+        self.model.lora.validate_for_run(self.stage.trainable, self.parallel.tp)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
+        self.export.validate("export")
         self.eval.validate("eval")
         choice("resume", self.resume, ("auto", "never"))
         choice("nan_policy", self.nan_policy, ("skip", "stop"))
@@ -90,18 +101,19 @@ def validate_launch(cfg: TrainConfig, world_size: int) -> int:
     """The checks that need the launch (world size, data on disk), still before any process
     group starts; returns the gradient accumulation steps."""
     # Imported here: topology imports ConfigError from this module.
+    from qwenvl_train.data.global_order import check_cover
+    from qwenvl_train.data.selection import check_source_sizes
     from qwenvl_train.training.parallel.topology import validate_parallel
 
     sizes = validate_parallel(cfg.parallel, world_size)
     accum = cfg.stage.grad_accumulation_steps(sizes.dp)
-    root = Path(cfg.data.root)
-    if not any(root.rglob("*.tar")):
-        raise ConfigError(
-            f"data.root: {str(root)!r} holds no shards (*.tar); build the demo set with "
-            f"`qwenvl-data demo --out {root}`, or convert your data with `qwenvl-data "
-            "convert` (data_recipes/README.md) and point data.root at it"
-        )
+    expand_sources(cfg.data)  # every source matches shards (one error lists those that don't)
+    check_cover(cfg.data.virtual_streams, sizes.dp, cfg.data.num_workers)
+    check_source_sizes(cfg.data, cfg.stage.template)
     cfg.eval.check_shards(cfg.data.root)
+    from qwenvl_train.training.elastic import check_resume  # reads a checkpoint: torch
+
+    check_resume(cfg, world_size)  # what a resume may change (README "Resuming")
     return accum
 
 
@@ -116,16 +128,28 @@ def to_schema(cfg: DictConfig | dict) -> TrainConfig:
         OmegaConf.resolve(merged)
         typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        detail = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ConfigError(f"{key}: {detail}") from None
+        raise ConfigError(_omegaconf_message(e, cfg)) from None
     try:
+        check_weights(typed)
         typed.validate()
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return typed
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    """Sizes from the weight sources (`model.sizes=from_weights`), then every source checked
+    against the model config: reads JSON and safetensors headers only, before anything is
+    built (model/source_config.py)."""
+    from qwenvl_train.model import source_config
+
+    sizes = cfg.model.sizes
+    cfg.model = source_config.resolve_model_sizes(cfg.model, cfg.init_from)
+    problems = source_config.check_weight_sources(cfg.model, cfg.init_from)
+    if problems:
+        raise ConfigError(source_config.weight_source_error(problems, sizes))
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -145,13 +169,72 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 def _hydra_message(error: BaseException) -> str:
-    """`key: what is wrong` from the OmegaConf error under Hydra's, else Hydra's text."""
+    """One line naming the key: a config group option that does not exist (with the
+    options), an unknown key (with the keys there are), the OmegaConf error under Hydra's,
+    else Hydra's own text."""
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return (f"{group or 'config'}: {option!r} is not allowed; choose one of "
+                f"{sorted(error.options)}")
+    if isinstance(error, OverrideParseException):
+        return (f"{str(error).splitlines()[0]}; quote values with braces, spaces or '=': "
+                "'key=\"value\"'")
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-            return f"{cause.full_key}: {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
+            return _omegaconf_message(cause)
         cause = cause.__cause__ or cause.__context__
-    return str(error).strip()
+    return str(error).strip().splitlines()[0]
+
+
+def _omegaconf_message(error: OmegaConfBaseException, raw: Any = None) -> str:
+    key = getattr(error, "full_key", None)
+    detail = str(getattr(error, "msg", None) or error).splitlines()[0]
+    env = re.search(r"Environment variable '(\w+)' not found", str(error))
+    if env:  # `${oc.env:NAME}` in a YAML while NAME is unset: name the key it sets
+        name = env.group(1)
+        keys = _keys_using(raw, f"oc.env:{name}") or [key or "?"]
+        return (f"{keys[0]}: the environment variable {name} is not set; "
+                f"`export {name}=/path/...`, or pass {keys[0]}=/path/... on the command line")
+    if key and isinstance(error, (ConfigAttributeError, ConfigKeyError)):
+        return _unknown_key_message(key)
+    if key and isinstance(error, MissingMandatoryValue):
+        return f"{key}: has no default and must be set: {key}=..."
+    return f"{key or '?'}: {detail}"
+
+
+def _keys_using(node: Any, text: str, prefix: str = "") -> list[str]:
+    """Dotted keys of a plain (unresolved) config whose string value contains `text`."""
+    if isinstance(node, dict):
+        return [k for name, v in node.items()
+                for k in _keys_using(v, text, f"{prefix}.{name}" if prefix else str(name))]
+    return [prefix] if isinstance(node, str) and text in node else []
+
+
+def _schema_keys(cls: type | None = None, prefix: str = "") -> dict[str, type | None]:
+    """Every dotted key of the schema (nested dataclasses opened) -> its dataclass or None."""
+    out: dict[str, type | None] = {}
+    hints = get_type_hints(cls or TrainConfig)
+    for f in fields(cls or TrainConfig):
+        key = f"{prefix}{f.name}"
+        sub = hints[f.name] if is_dataclass(hints[f.name]) else None
+        out[key] = sub
+        if sub is not None:
+            out.update(_schema_keys(sub, key + "."))
+    return out
+
+
+def _unknown_key_message(key: str) -> str:
+    """`key` is in no schema: list the keys its parent has and the keys it may have meant."""
+    parent, _, leaf = key.rpartition(".")
+    schema = _schema_keys()
+    if parent and schema.get(parent) is None:  # in a free-form dict (e.g. data.sources)
+        return f"{key}: {parent} has no entry {leaf!r}; add one with '+{key}=...'"
+    siblings = sorted(k.rpartition(".")[2] for k in schema if k.rpartition(".")[0] == parent)
+    alike = [k for k in schema if k.rpartition(".")[2] == leaf]
+    alike = alike or difflib.get_close_matches(key, list(schema), n=3)
+    hint = f"; did you mean {' or '.join(alike)}?" if alike else ""
+    return f"{key}: no such key; {parent or 'the config'} has {siblings}{hint}"
 
 
 def load_config(overrides: list[str] | None = None) -> TrainConfig:

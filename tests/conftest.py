@@ -89,3 +89,29 @@ def run_cli():
                               env=_env(env), capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# Runs a command's `main()` and reports, at exit, which heavy libraries it had imported.
+_PROBE = """import atexit, sys
+heavy = ("torch", "transformers", "deepspeed")
+atexit.register(lambda: print("heavy:", [m for m in heavy if m in sys.modules]))
+from {module} import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture
+def probe_cli():
+    """Run a console entry point (`module`'s `main`) with `args`; returns the completed
+    process and the heavy libraries (torch, transformers, deepspeed) it imported."""
+
+    def run(module: str, args: list[str], *, env: dict | None = None, timeout: int = 120
+            ) -> tuple[subprocess.CompletedProcess, list[str]]:
+        proc = subprocess.run([sys.executable, "-c", _PROBE.format(module=module), *args],
+                              cwd=REPO, env=_env(env), capture_output=True, text=True,
+                              timeout=timeout)
+        heavy = [line for line in proc.stdout.splitlines() if line.startswith("heavy: ")]
+        assert heavy, proc.stderr[-2000:]
+        return proc, json.loads(heavy[-1][len("heavy: "):].replace("'", '"'))
+
+    return run

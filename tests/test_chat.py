@@ -262,7 +262,7 @@ def test_load_for_chat_reads_both_layouts(model, export, tmp_path):
         "num_attention_heads": 4, "intermediate_size": 2 * 96, "vocab_size": 151936,
         "max_position_embeddings": 512, "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6,
         "visual": {"width": 48, "layers": 2, "heads": 4, "mlp_ratio": 4.0, "patch_size": 14,
-                   "output_dim": 64, "image_size": 56, "n_queries": 16, "resampler_heads": 4}}))
+                   "output_dim": 64, "image_size": 56, "n_queries": 16, "attn_pool_heads": 4}}))
     released = load_for_chat(tmp_path)  # load_qwenvl checks every name and shape
     assert released.image_size == 56
     for part in ("vision", "adapter", "llm"):
@@ -331,7 +331,7 @@ def test_console_session(model, images, tmp_path, monkeypatch, capsys):
 
 def test_cli_refuses_a_directory_without_an_export(tmp_path, capsys):
     assert chat_cli.main([str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "neither a consolidated export" in capsys.readouterr().err
 
 
 class Interrupt(LogitsProcessor):

@@ -1,4 +1,4 @@
-"""The real 9.6B architecture built on the meta device: parameter counts match RECIPE.md."""
+"""The real 9.6B architecture built on the meta device: parameter counts match docs/recipe.md."""
 
 from __future__ import annotations
 

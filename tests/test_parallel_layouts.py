@@ -5,7 +5,8 @@ init and batches must give the same per-step losses and pre-clip grad norms as
 `parallel_common.reference` within 1e-5. Data-parallel rank 1 gets a text-only micro-batch
 (must not hang: the worker's watchdog and the launch timeout turn a hang into a failure).
 Also: LLM frozen under pp2, activation checkpointing, ZeRO-2, bf16 smoke, NaN-step skip,
-checkpoint save/reload and consolidated export under tp2xdp2 and pp2xtp2."""
+LoRA under tp2 and pp2, checkpoint save/reload and consolidated export under tp2xdp2 and
+pp2xtp2."""
 
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def _check_task_sums(results: dict, layout: str, dp: int) -> None:
 
 @pytest.mark.slow
 def test_two_rank_layouts(torchrun):
-    run = torchrun([WORKER, "pp2", "tp2", "tp2:gc", "pp2:frozen", "pp2:bf16", "pp2:nan"],
-                   nproc=2, env=WATCHDOG, timeout=240)
+    run = torchrun([WORKER, "pp2", "tp2", "tp2:gc", "pp2:frozen", "pp2:bf16", "pp2:nan",
+                    "tp2:lora", "pp2:lora"], nproc=2, env=WATCHDOG, timeout=240)
     results = run.ranks[0]
     losses, norms, _ = pc.reference(dp=1)
     for layout in ("pp2", "tp2", "tp2:gc"):  # gc: activation checkpointing recomputes TP comms
@@ -65,6 +66,10 @@ def test_two_rank_layouts(torchrun):
     # Stage 1 of the recipe (LLM frozen): the LLM-only stage trains through its anchors.
     losses, norms, _ = pc.reference(dp=1, trainable=("vit", "adapter"))
     _check(results, "pp2:frozen", losses, norms)
+    # LoRA: A/B split with their column/row linears (tp2), placed with their layers (pp2).
+    losses, norms, _ = pc.reference(dp=1, lora=True)
+    for layout in ("tp2:lora", "pp2:lora"):
+        _check(results, layout, losses, norms)
 
 
 @pytest.mark.slow

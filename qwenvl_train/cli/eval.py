@@ -21,9 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from qwenvl_train.eval.config import EVAL_TASKS, PROMPT_MODES, RECORD_TASKS
+from qwenvl_train.eval.tasks import EVAL_TASKS, MAX_NEW_TOKENS, PROMPT_MODES, RECORD_TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=None,
-                   help="input resolution (default: the run's, else 448)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default per task and prompt (eval/run_eval.py MAX_NEW_TOKENS)")
+                   help="input resolution (default: the run's, else the export's, else 448)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default per task, "
+                   "base / chat prompts: " + ", ".join(
+                       f"{t} {MAX_NEW_TOKENS['base'][t]}/{MAX_NEW_TOKENS['chat'][t]}"
+                       for t in EVAL_TASKS))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--predictions", metavar="JSONL", default=None,
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if not path:
         print("qwenvl-eval: name the model: a run directory or an export", file=sys.stderr)
         return 2
+    # Imported after parsing: `--help` and a bad option answer without loading torch.
+    import torch
+
     from qwenvl_train.chat.loading import load_for_chat
     from qwenvl_train.chat.prompt import ChatError
     from qwenvl_train.eval.run_eval import evaluate

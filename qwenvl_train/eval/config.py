@@ -17,13 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenvl_train.checks import ConfigError, choice, positive
-
-EVAL_TASKS = ("caption", "vqa", "grounding", "chat")
-PROMPT_MODES = ("base", "chat")
-# Record tasks each eval task reads.
-RECORD_TASKS: dict[str, tuple[str, ...]] = {
-    "caption": ("caption",), "vqa": ("vqa",), "grounding": ("grounding", "ref_grounding"),
-    "chat": ("chat",)}
+from qwenvl_train.eval.tasks import EVAL_TASKS, PROMPT_MODES
 
 
 @dataclass
@@ -31,7 +25,7 @@ class EvalGenerationConfig:
     # auto: ChatML (chat) when the stage template is sft, else the paper's base prompts (base)
     prompt: str = "auto"
     batch_size: int = 8
-    max_new_tokens: int | None = None  # None: per task (eval/run_eval.py MAX_NEW_TOKENS)
+    max_new_tokens: int | None = None  # None: per task (eval/tasks.py MAX_NEW_TOKENS)
     # Chat-mode wording per task (caption / vqa / grounding), e.g. {grounding: "Find {expression}."}
     chat_prompts: dict[str, str] = field(default_factory=dict)
 

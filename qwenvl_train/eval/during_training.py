@@ -48,10 +48,10 @@ from qwenvl_train.data.packing import collate
 from qwenvl_train.data.records import Record
 from qwenvl_train.data.templates import ACCEPTS
 from qwenvl_train.data.tokenizer import get_tokenizer
-from qwenvl_train.eval.config import RECORD_TASKS
 from qwenvl_train.eval.items import Item, iter_items, iter_records
 from qwenvl_train.eval.run_eval import generate_rows, resolve_shards, summarize
 from qwenvl_train.eval.samples import table_rows
+from qwenvl_train.eval.tasks import RECORD_TASKS
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.callbacks import TrainerCallback
 from qwenvl_train.training.losses import task_loss_sums
@@ -264,12 +264,16 @@ class Evaluator(TrainerCallback):
 
     def _rank0_model(self, state: dict[str, torch.Tensor], device: torch.device,
                      dtype: torch.dtype):
-        """A plain QwenVL holding the gathered weights (built once, refilled each time)."""
+        """A plain QwenVL holding the gathered weights (built once, refilled each time); with
+        LoRA on, the adapters merged into them as the export does."""
+        from qwenvl_train.model.lora import merged_export
+
+        state, plain_cfg = merged_export(state, self.cfg.model)
         if self._gathered_model is None:
             from qwenvl_train.model.qwenvl import build_model
 
             # Built under the restored RNG (evaluate() puts the state back afterwards).
-            self._gathered_model = build_model(self.cfg.model, self.cfg.stage.image_size)
+            self._gathered_model = build_model(plain_cfg, self.cfg.stage.image_size)
             self._gathered_model.to(device=device, dtype=dtype)
         self._gathered_model.load_state_dict(state, strict=True)
         return self._gathered_model.eval()

@@ -37,7 +37,7 @@ from qwenvl_train.data.reader import ShardFile, index_tar
 from qwenvl_train.data.records import Record, read_record
 from qwenvl_train.data.schema import ChatSample, Message, Part, SampleError
 from qwenvl_train.data.templates import PROMPTS, ImageSlot, Piece, Special, chat_prompt, render
-from qwenvl_train.eval.config import EVAL_TASKS, RECORD_TASKS
+from qwenvl_train.eval.tasks import EVAL_TASKS, RECORD_TASKS
 
 T = TypeVar("T")
 # The user's words in chat mode (the demo dialogues ask this way).

@@ -12,7 +12,6 @@ and `evaluate` chains them over shards. The command line is `qwenvl-eval`
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from qwenvl_train.data.images import load_image
 from qwenvl_train.data.reader import expand_shards
 from qwenvl_train.data.schema import SampleError
 from qwenvl_train.eval import metrics
-from qwenvl_train.eval.config import EVAL_TASKS, PROMPT_MODES, RECORD_TASKS
 from qwenvl_train.eval.generate import OnlyTokenizerIds, generate, stop_ids
 from qwenvl_train.eval.items import (
     Item,
@@ -34,22 +32,20 @@ from qwenvl_train.eval.items import (
     why_empty,
 )
 from qwenvl_train.eval.parse import box_to_pixels, parse_boxes
+from qwenvl_train.eval.tasks import (
+    EVAL_TASKS,
+    PROMPT_MODES,
+    RECORD_TASKS,
+    max_new_tokens_for,
+)
 
 __all__ = ["EVAL_TASKS", "PROMPT_MODES", "RECORD_TASKS", "Item", "evaluate", "generate_rows",
            "iter_items", "load_export", "max_new_tokens_for", "prompt_pieces",
            "resolve_shards", "summarize"]
 
-# Generation budgets: base mode as the official evaluation scripts; a chat-mode answer
-# repeats the `<ref>` of a box, and a chat turn may be a sentence or two.
-MAX_NEW_TOKENS = {"base": {"caption": 30, "vqa": 10, "grounding": 28, "chat": 64},
-                  "chat": {"caption": 40, "vqa": 10, "grounding": 40, "chat": 64}}
 METRICS = {"caption": ("cider_d",), "vqa": ("vqa_accuracy", "exact_match"),
            "grounding": ("grounding_accuracy", "mean_iou", "parse_rate"),
            "chat": ("exact_match", "token_f1")}
-
-
-def max_new_tokens_for(task: str, mode: str) -> int:
-    return MAX_NEW_TOKENS[mode][task]
 
 
 def resolve_shards(shards: str | Sequence[str], root: str | Path = ".") -> list[str]:
@@ -186,14 +182,9 @@ def _numbered(index: int, item: Item) -> Item:
     return item
 
 
-def load_export(export: str | Path, image_size: int, device: str = "cpu",
+def load_export(export: str | Path, image_size: int | None = None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32):
-    """Build the model described by an export's `config.json` and load its weights."""
-    from qwenvl_train.model.config import QwenVLConfig
-    from qwenvl_train.model.qwenvl import build_model
-    from qwenvl_train.model.weights import load_consolidated
+    """The eval-mode model of an export (either layout, or a run directory)."""
+    from qwenvl_train.model.export import load_for_inference
 
-    cfg = QwenVLConfig.from_dict(json.loads((Path(export) / "config.json").read_text()))
-    model = build_model(cfg, image_size)
-    load_consolidated(model, export)
-    return model.to(device=device, dtype=dtype).eval()
+    return load_for_inference(export, image_size=image_size, device=device, dtype=dtype)[0]

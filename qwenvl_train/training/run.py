@@ -21,6 +21,11 @@ from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.eval.during_training import builtin_callbacks
 from qwenvl_train.model import groups
+from qwenvl_train.model.source_config import (
+    frozen_random_parts,
+    frozen_random_warning,
+    resolve_init_from,
+)
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
@@ -64,11 +69,15 @@ def build_qwenvl(cfg: TrainConfig):
     with context:
         model = build_model(cfg.model, image_size=cfg.stage.image_size)
     if cfg.init_from:
-        source = ckpt.resolve_init_from(cfg.init_from)
+        source = resolve_init_from(cfg.init_from)
         log.info("initialising weights from %s", source)
         load_consolidated(model, source)
     else:
         load_init_weights(model, cfg.model.weights)
+    if cfg.model.lora.enabled:  # LoRA: on top of the loaded base weights (model/lora.py)
+        from qwenvl_train.model.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora, seed=cfg.seed)
     return model
 
 
@@ -80,7 +89,8 @@ def _zero3_init_config(cfg: TrainConfig) -> dict:
 def freeze(cfg: TrainConfig, model) -> None:
     """requires_grad from the stage's trainable groups; log counts; refuse empty groups."""
     post = cfg.model.adapter.post_group
-    groups.set_trainable(model, cfg.stage.trainable, post)
+    # LoRA targets train only their LoRA matrices (model/lora_config.py states the rule).
+    groups.set_trainable(model, cfg.stage.trainable, post, lora_parts=cfg.model.lora.parts)
     counts = groups.check_trainable_groups(model, cfg.stage.trainable, post)
     _, infos = param_groups_of(cfg, model)
     for name, c in counts.items():
@@ -112,7 +122,7 @@ def dummy_batch(cfg: TrainConfig) -> dict:
         "labels": torch.tensor([[IGNORE_INDEX, tok.eod_id]]),
         "position_ids": torch.tensor([[0, 1]]),
         "segment_ids": torch.ones_like(ids),
-        "images": torch.zeros(0, 3, size, size),
+        "images": torch.zeros(0, 3, size, size, dtype=torch.uint8),
         "task_ids": torch.zeros_like(ids),
     }
 
@@ -129,24 +139,28 @@ def build_engine(cfg: TrainConfig, par):
     return par.initialize(optimizer, scheduler, deepspeed_config(cfg, par.sizes.dp))
 
 
-def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
-    """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
-    from qwenvl_train.model.qwenvl import build_model
-    from qwenvl_train.model.weights import export_consolidated
+def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
+    """Full weights of any layout -> run_dir/export in `export.formats` (model/export.py);
+    returns where each format went (on rank 0; empty elsewhere)."""
+    from qwenvl_train.model.export import export_model
+    from qwenvl_train.model.lora import merged_export
 
     state = par.full_state_dict()  # collective; full tensors on rank 0
-    out = Path(cfg.run_dir) / "export"
+    paths: dict[str, Path] = {}
     if dist_info.is_main:
-        with torch.device("meta"):  # names and the LLM config only; no memory
-            skeleton = build_model(cfg.model, image_size=cfg.stage.image_size)
-        export_consolidated(skeleton, cfg.model, out, state_dict=state)
+        # LoRA: adapters merged into the base weights; every format is the plain model.
+        state, model_cfg = merged_export(state, cfg.model)
+        paths = export_model(state, model_cfg, Path(cfg.run_dir) / "export", cfg.export.formats,
+                             chat=cfg.stage.template == "sft", image_size=cfg.stage.image_size,
+                             seq_length=cfg.stage.seq_len, max_shard_gb=cfg.export.max_shard_gb)
     dist.barrier()
-    return out
+    return paths
 
 
 def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
     """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
+    from qwenvl_train.training.elastic import build_exchange, micro_batch_cost
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
@@ -163,6 +177,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
 
     model = build_qwenvl(cfg)
     freeze(cfg, model)
+    random_frozen = frozen_random_parts(cfg.model, cfg.stage.trainable, cfg.init_from)
+    if random_frozen and dist_info.is_main:
+        log.warning("WARNING: %s", frozen_random_warning(random_frozen))
     par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
     dp_size = par.sizes.dp
     accum = cfg.stage.grad_accumulation_steps(dp_size)
@@ -170,20 +187,23 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     del model
 
     loader = None
+    exchange = build_exchange(cfg, par)  # collective: the readers' group (None elsewhere)
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
+        # data.num_workers workers, at most one per CPU of this process
         loader = build_loader(
             cfg.data, get_tokenizer(), template=cfg.stage.template,
             image_size=cfg.stage.image_size, seq_len=cfg.stage.seq_len, pack=cfg.stage.pack,
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
+            global_batch_size=cfg.stage.global_batch_size, exchange=exchange,
+            cost=micro_batch_cost(cfg),
         )
     state, meter_state = TrainState(), {}
     tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
-            loader.load_state_dict(state.loader)
+            loader.load_state_dict(ckpt.load_data_state(run_dir, tag))
         meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
     source = iter(loader) if loader is not None else None
@@ -198,18 +218,26 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
                       dummy_batch(cfg), state, callbacks)
     try:
         last = trainer.fit()
+        exported = {}
         if cfg.export_at_end and state.step >= cfg.stage.steps:
-            export(cfg, par, dist_info)
+            exported = export(cfg, par, dist_info)
     finally:
         tracker.close()
         if source is not None:
-            # Stop the data workers now (they ignore SIGTERM, so an exit-time terminate
-            # would wait on them).
+            # Stop the data workers now (they ignore SIGTERM and SIGINT, so an exit-time
+            # terminate would wait on them).
             source.close()
+        trainer.preempt.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
-                                      if isinstance(v, (int, float, bool))}}
+                                      if isinstance(v, (int, float, bool))},
+               "exports": {k: str(v) for k, v in exported.items()},
+               "random_frozen_parts": random_frozen}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for fmt, path in exported.items():
+            log.info("export %-12s -> %s", fmt, path)
+        if random_frozen:
+            log.warning("WARNING (run summary): %s", frozen_random_warning(random_frozen))
     trainer.callbacks.on_run_end(trainer, summary)
     return summary
 

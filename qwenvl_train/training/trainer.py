@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
+from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.callbacks import CallbackList, TrainerCallback
@@ -66,19 +68,58 @@ class StepResult:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (SLURM sends it before preemption); checked at step boundaries."""
+    """A stop request, checked at step boundaries: SIGTERM (SLURM sends it before
+    preemption) and the first Ctrl-C (SIGINT) let the step finish, save and return; a
+    SIGINT while a stop is pending raises KeyboardInterrupt at once (nothing more saved)."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.signum: int | None = None  # the first stop signal this process received
+        self.announce = announce
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT and self.announce:  # os.write: safe in a signal handler
+            os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint "
+                        b"(Ctrl-C again to abort without saving)\n")
+
+    def describe(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop on another rank"
+
+    def close(self) -> None:
+        """Give the signals back to the handlers they had before."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop the lines of `path` (metrics.jsonl) past `step`, and lines a kill cut short;
+    atomically: a crash leaves the old file or the new one."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in _MODEL_INPUTS}
-    out["images"] = out["images"].to(dtype)
+    out["images"] = normalize_images(out["images"], dtype)  # uint8 or float -> dtype
     return out
 
 
@@ -108,8 +149,10 @@ class Trainer:
         self.accum, self.dummy_batch, self.state = accum, dummy_batch, state
         self.callbacks = CallbackList(callbacks)
         self.param_dtype = next(engine.module.parameters()).dtype
-        self.preempt = PreemptionFlag()
+        self.preempt = PreemptionFlag(announce=dist_info.is_main)
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
+        if dist_info.is_main:  # steps past the restored one are trained and logged again
+            keep_metrics_up_to(self.metrics_path, state.step)
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -218,18 +261,25 @@ class Trainer:
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if stop:
-                log.warning("SIGTERM received: checkpoint saved at step %d, exiting", state.step)
+                if self.dist.is_main:
+                    log.warning("%s: checkpoint saved at step %d; to resume, rerun the same "
+                                "command (run_dir=%s)", self.preempt.describe(), state.step,
+                                cfg.run_dir)
                 last["preempted"] = True
+                if self.preempt.signum:
+                    last["stop_signal"] = int(self.preempt.signum)
                 break
         return last
 
     def save(self) -> None:
-        self.state.loader = self.loader.state_dict() if self.loader is not None else {}
+        # Every virtual stream's position (a collective over the readers); rank 0 writes it.
+        data_state = self.loader.state_dict() if self.loader is not None else None
         self.state.meter = self.meter.state_dict()
         step = self.state.step
         ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
                   self.dist.rank, self.cfg.checkpoint.keep_last,
-                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path))
+                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path),
+                  data_state=data_state)
 
     def _global_data_stats(self) -> dict[str, float]:
         """Loader counters summed over all readers (ranks without a loader add zeros)."""

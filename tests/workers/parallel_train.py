@@ -6,14 +6,15 @@ parallel_common.py as its data iterator.
 Usage: parallel_train.py LAYOUT [LAYOUT ...]; LAYOUT is pp{P}, tp{T}, pp{P}xtp{T},
 optionally suffixed `:frozen` (stage 1: LLM frozen), `:export` (reload the trainer's
 final checkpoint into a fresh engine, export consolidated weights before and after),
-`:bf16`, `:nan` (a NaN image at step 1), `:gc` (activation checkpointing in ViT and LLM)
-or `:z{N}` (ZeRO stage N instead of 1).
+`:bf16`, `:nan` (a NaN image at step 1), `:gc` (activation checkpointing in ViT and LLM),
+`:lora` (parallel_common.LORA on ViT and LLM) or `:z{N}` (ZeRO stage N instead of 1).
 The data-parallel size is what the world leaves. Rank 0 writes per-layout losses and grad
 norms to $QWENVL_RESULTS_DIR/rank0.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -42,7 +43,7 @@ EXPORT = Path(os.environ.get("QWENVL_EXPORT_DIR", str(OUT)))
 
 
 def layout_config(pp: int, tp: int, zero: int, trainable, run_dir: Path, seed: int,
-                  checkpointing: bool) -> TrainConfig:
+                  checkpointing: bool, lora: bool = False) -> TrainConfig:
     """The stage of parallel_common.reference: constant LR, its optimizer groups and batch."""
     dp = dist.get_world_size() // (pp * tp)
     optim = OptimConfig(lr=pc.LR, schedule="constant", warmup_steps=0, grad_clip=pc.CLIP,
@@ -51,7 +52,10 @@ def layout_config(pp: int, tp: int, zero: int, trainable, run_dir: Path, seed: i
                         seq_len=pc.SEQ_LEN, pack=True, micro_batch_size=pc.MICRO_BATCH,
                         global_batch_size=pc.MICRO_BATCH * pc.ACCUM * dp, steps=pc.STEPS,
                         precision="fp32", optim=optim)
-    cfg = TrainConfig(stage=stage, model=pc.tiny_config(checkpointing),
+    model = pc.tiny_config(checkpointing)
+    if lora:
+        model.lora = dataclasses.replace(pc.LORA)
+    cfg = TrainConfig(stage=stage, model=model,
                       parallel=ParallelConfig(zero_stage=zero, pp=pp, tp=tp),
                       tracking=TrackingConfig(backend="none"),
                       checkpoint=CheckpointConfig(every_steps=pc.STEPS), run_dir=str(run_dir),
@@ -63,6 +67,8 @@ def layout_config(pp: int, tp: int, zero: int, trainable, run_dir: Path, seed: i
 def build(cfg: TrainConfig, parts=None, engine: bool = True):
     """What `training.run.run` does: model -> freeze -> parallelize -> optimizer -> engine."""
     model = build_qwenvl(cfg)
+    if cfg.model.lora.enabled:
+        pc.randomize_lora_b(model, cfg.seed)  # as parallel_common.make_model does
     freeze(cfg, model)
     par = parallelize(model, cfg, parts=parts)
     return par, (build_engine(cfg, par) if engine else None)
@@ -162,7 +168,8 @@ def main() -> None:
         zero = int(option[1:]) if option.startswith("z") else 1
         run_dir = OUT / "runs" / spec.replace(":", "-")
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = layout_config(pp, tp, zero, trainable, run_dir, pc.SEED, option == "gc")
+        cfg = layout_config(pp, tp, zero, trainable, run_dir, pc.SEED, option == "gc",
+                            option == "lora")
         if option == "bf16":
             # Production trains fp32 on CPUs (engine.uses_bf16); force DeepSpeed's bf16
             # through the pass-through keys to smoke-test the bf16 pipeline here.

@@ -50,6 +50,7 @@ class Tracker:
     def __init__(self, progress: Progress | None = None, run: Any = None) -> None:
         self.progress, self.run = progress, run
         self._warned = False
+        self._first_step = 0  # W&B already holds the steps below this one
 
     @classmethod
     def create(
@@ -90,8 +91,15 @@ class Tracker:
                 mode=cfg.mode,
                 settings=wandb.Settings(init_timeout=cfg.init_timeout),
             )
-            # Our own step axis: after a resume from an earlier checkpoint the same steps
-            # are logged again, which W&B's monotonic internal step would drop.
+            # W&B's step is the training step (`log` passes it), so a resumed run's steps
+            # continue where its checkpoint was, and `train/step` is the charts' x axis.
+            # Online, a resumed run starts at W&B's next step (`starting_step`): steps it
+            # already has (logged after the checkpoint, before the kill) are not sent again;
+            # exact resume makes their values the same. Offline, W&B cannot resume (it has
+            # no server to ask; `resume` is ignored and `starting_step` is 0): each launch
+            # writes its own offline-run-*-<id> folder under the same id, and
+            # `wandb sync run_dir/wandb/offline-run-*` uploads them into one run in order.
+            self._first_step = int(getattr(self.run, "starting_step", 0) or 0)
             self.run.define_metric(STEP_KEY)
             self.run.define_metric("*", step_metric=STEP_KEY)
         except Exception as exc:  # tracking must never stop training
@@ -113,9 +121,9 @@ class Tracker:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.progress is not None:
             self.progress.update(step, metrics)
-        if self.run is not None:
+        if self.run is not None and step >= self._first_step:
             try:
-                self.run.log({STEP_KEY: step, **metrics})
+                self.run.log({STEP_KEY: step, **metrics}, step=step)
             except Exception as exc:
                 self._disable(f"W&B log failed ({type(exc).__name__}: {exc})")
 
@@ -212,11 +220,13 @@ class ThroughputMeter:
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
         peak = flops.peak_flops(name, stage.precision, cfg.tracking.peak_tflops)
 
+        adapted = model.lora.parts  # LoRA targets: no base-weight gradients there
+
         def flops_fn(c: Mapping[str, int]) -> float:
             seg = c.get("seg_sq_tokens")
             return flops.step_flops(
                 model, stage.image_size, c["tokens"], c["images"], stage.seq_len,
-                stage.trainable, loss_tokens=c.get("loss_tokens"),
+                stage.trainable, loss_tokens=c.get("loss_tokens"), adapted=adapted,
                 segment_len=seg / c["real_tokens"] if seg and c.get("real_tokens") else None,
             )
 
