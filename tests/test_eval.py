@@ -413,3 +413,33 @@ def test_cli_eval_user_errors(tmp_path, capsys):
     assert "matches no .tar" in capsys.readouterr().err
     assert eval_cli.main([str(tmp_path)]) == 2
     assert "--shards is required" in capsys.readouterr().err
+
+
+def test_samples_table_draws_predicted_and_true_boxes_at_their_pixels():
+    """A grounding row as evaluation scores it -> the W&B table's picture: the predicted box
+    (parsed from the answer's [0, 1000) text, mapped back to pixels) and the true box are
+    outlined on the item's image in the first two palette colours, nothing else."""
+    from qwenvl_train.data.draw import PALETTE
+    from qwenvl_train.eval.items import Item
+    from qwenvl_train.eval.samples import table_rows
+
+    size, grey = (300, 280), (90, 90, 90)
+    buf = io.BytesIO()
+    Image.new("RGB", size, grey).save(buf, format="PNG")
+    true_box, pred_box = [20.0, 30.0, 120.0, 140.0], [150.0, 100.0, 270.0, 250.0]
+    item = Item(key="g0", prompt=[], images=[buf.getvalue()], sizes=[size], target=[true_box],
+                extra={"prompt": "the square"})
+    answer = f"<ref>the square</ref><box>{box_text(pred_box, size)}</box>"
+    row = {"index": 0, "key": "g0", "prompt": "Where is the square?",
+           **run_eval._score("grounding", item, answer, "chat")}
+    assert row["box"] == pytest.approx(pred_box, abs=0.3) and not row["correct"]
+    (out,) = table_rows("grounding", [item], [row])
+    assert (out["task"], out["answer"], out["reference"]) == (
+        "grounding", answer, "(20, 30, 120, 140)")
+    pic = out["image"]
+    for box, colour in ((row["box"], PALETTE[0]), (true_box, PALETTE[1])):
+        x1, y1, x2, y2 = (round(c) for c in box)
+        ymid = (y1 + y2) // 2
+        assert pic.getpixel((x1, ymid)) == colour and pic.getpixel((x2 - 1, ymid)) == colour
+        assert pic.getpixel((x1 - 1, ymid)) == grey and pic.getpixel((x1 + 10, ymid)) == grey
+    assert pic.getpixel((5, 5)) == grey  # the rest of the image untouched

@@ -1,6 +1,7 @@
 """Evaluation during training (the `eval` config, eval/during_training.py) in real runs:
-every metric is logged with known values, training is bitwise unchanged by it, and a 2-rank
-ZeRO-3 run reduces the validation loss over ranks to what one process computes."""
+every metric is logged with known values, training is bitwise unchanged by it, a 2-rank
+ZeRO-3 run reduces the validation loss over ranks to what one process computes, and a
+2-stage pipeline evaluates its gathered model on rank 0 to the same numbers."""
 
 from __future__ import annotations
 
@@ -61,14 +62,24 @@ def test_eval_logs_every_metric_and_leaves_training_unchanged(run_cli, demo_data
     assert "[eval step 3] vqa: loss" in proc.stdout + proc.stderr
 
 
-def test_two_rank_zero3_eval_sums_the_validation_loss_over_ranks(torchrun, demo_data, tmp_path):
-    """ZeRO-3, 2 ranks, the sft stage: the loss runs through the partitioned engine on both
-    ranks (5 records: rank 1 is one micro-batch short and runs the dummy batch), generation
-    on rank 0's gathered copy. The chat loss equals one process's on the exported weights."""
+def _plain_chat_loss(args: list[str], run: Path) -> float:
+    """The chat validation loss one process computes on the run's exported weights."""
     from qwenvl_train.config import load_config
     from qwenvl_train.eval.during_training import Evaluator
     from qwenvl_train.eval.run_eval import load_export
 
+    evaluator = Evaluator(load_config(args))
+    evaluator.data = evaluator.read()
+    model = load_export(run / "export", 56)
+    loss, tokens = evaluator.plain_losses(model, torch.device("cpu"), torch.float32)["chat"]
+    assert float(tokens) > 0
+    return float(loss / tokens)
+
+
+def test_two_rank_zero3_eval_sums_the_validation_loss_over_ranks(torchrun, demo_data, tmp_path):
+    """ZeRO-3, 2 ranks, the sft stage: the loss runs through the partitioned engine on both
+    ranks (5 records: rank 1 is one micro-batch short and runs the dummy batch), generation
+    on rank 0's gathered copy. The chat loss equals one process's on the exported weights."""
     run = tmp_path / "run"
     args = overrides(run, demo_data, "parallel=zero3", "stage.image_size=56", "eval=demo",
                      "eval.every_steps=2", "eval.max_items=5", "eval.generation.max_new_tokens=4",
@@ -79,10 +90,18 @@ def test_two_rank_zero3_eval_sums_the_validation_loss_over_ranks(torchrun, demo_
                 "chat/exact_match", "chat/token_f1"):
         assert 0.0 <= last[f"eval/{key}"] <= 10.0, key
     assert last["eval/chat/num_items"] == 5 and "eval/vqa/loss" not in last  # sft: chat only
+    assert last["eval/chat/loss"] == pytest.approx(_plain_chat_loss(args, run), rel=1e-5)
 
-    evaluator = Evaluator(load_config(args))
-    evaluator.data = evaluator.read()
-    model = load_export(run / "export", 56)
-    loss, tokens = evaluator.plain_losses(model, torch.device("cpu"), torch.float32)["chat"]
-    assert float(tokens) > 0
-    assert last["eval/chat/loss"] == pytest.approx(float(loss / tokens), rel=1e-5)
+
+def test_pipeline_eval_runs_on_the_gathered_model_on_rank_0(torchrun, demo_data, tmp_path):
+    """pp2, the sft stage, one step: the stages' weights are gathered to rank 0, whose plain
+    copy computes the loss and answers every item while rank 1 waits; the loss equals one
+    process's on the exported weights."""
+    run = tmp_path / "run"
+    args = overrides(run, demo_data, "parallel=pp2", "stage.image_size=56", "eval=demo",
+                     "eval.max_items=3", "eval.generation.max_new_tokens=3",
+                     "stage.optim.warmup_steps=1", steps=1, stage="sft")
+    torchrun([*TRAIN, *args], nproc=2, timeout=300)
+    last = _eval_rows(run)[1]  # the last step is always evaluated
+    assert all(last[f"eval/{t}/num_items"] == 3 for t in ("caption", "vqa", "grounding", "chat"))
+    assert last["eval/chat/loss"] == pytest.approx(_plain_chat_loss(args, run), rel=1e-5)
