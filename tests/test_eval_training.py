@@ -94,11 +94,12 @@ def test_two_rank_zero3_eval_sums_the_validation_loss_over_ranks(torchrun, demo_
 
 
 def test_pipeline_eval_runs_on_the_gathered_model_on_rank_0(torchrun, demo_data, tmp_path):
-    """pp2, the sft stage, one step: the stages' weights are gathered to rank 0, whose plain
-    copy computes the loss and answers every item while rank 1 waits; the loss equals one
-    process's on the exported weights."""
+    """pp2 with LoRA, the sft stage, one step: the stages' weights are gathered to rank 0,
+    the adapters merged into a plain copy that computes the loss and answers every item
+    while rank 1 waits; the loss equals one process's on the (merged) exported weights."""
     run = tmp_path / "run"
-    args = overrides(run, demo_data, "parallel=pp2", "stage.image_size=56", "eval=demo",
+    args = overrides(run, demo_data, "parallel=pp2", "model.lora.enabled=true",
+                     "stage.image_size=56", "eval=demo",
                      "eval.max_items=3", "eval.generation.max_new_tokens=3",
                      "stage.optim.warmup_steps=1", steps=1, stage="sft")
     torchrun([*TRAIN, *args], nproc=2, timeout=300)

@@ -1,5 +1,5 @@
 """Evaluation during training: a built-in trainer callback (`Evaluator`) driven by the
-`eval` config (eval/config.py).
+`eval` config (eval/config.py; the task table is eval/tasks.py).
 
 After step `eval.every_steps`, 2 x that, ... and after the last step (`on_step_end`, before
 that step's checkpoint), every rank takes part in one evaluation of each task:
