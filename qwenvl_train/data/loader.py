@@ -45,6 +45,8 @@ import signal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from qwenvl_train.checks import RunError
+
 from .config import DataConfig
 from .reader import expand_sources
 from .shards import read_manifests
@@ -65,17 +67,47 @@ class _StreamDataset(IterableDataset):
         info = get_worker_info()
         n = self.spec.streams_per_rank
         local = (info.id + self.offset) % n if info is not None else 0
-        for batch, cursor in Stream(self.spec, self.tok, local, self.cursors.get(local)):
-            yield batch, local, cursor
+        try:
+            for batch, cursor in Stream(self.spec, self.tok, local, self.cursors.get(local)):
+                yield batch, local, cursor
+        except RunError as e:
+            if info is None:
+                raise
+            # Handed to the main process as an item: DataLoader would re-raise it wrapped in
+            # a worker traceback, and the run reports it in one message.
+            yield _Failed(e), local, None
+
+
+class _Failed:
+    """A fatal error raised in a loader worker, passed to the main process as is."""
+
+    def __init__(self, error: RunError):
+        self.error = error
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
     """torchrun and SLURM signal the whole process group on preemption (SIGTERM), and so
     does the terminal on Ctrl-C (SIGINT); a worker that died of it would make the trainer
     fail before it can save its checkpoint. The trainer owns shutdown: workers ignore both
-    and end with their parent."""
+    and end with their parent (or when `TrainLoader` stops them). The signal wakeup fd,
+    inherited through fork, is the trainer's (training/failfast.py): the worker's own
+    signals must not reach it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+
+
+def _stop_workers(it) -> None:
+    """Shut a DataLoader iterator's workers down now: they ignore SIGTERM, so the
+    iterator's own terminate() leaves a busy one running, and interpreter exit would wait
+    on it forever."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(it, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def workers_for_this_machine(requested: int) -> int:
@@ -114,10 +146,16 @@ class TrainLoader:
                                  collate_fn=_identity, prefetch_factor=spec.prefetch_factor,
                                  worker_init_fn=_ignore_stop_signals,
                                  generator=torch.Generator()))
-        for batch, local, cursor in it:
-            self._cursors[local] = cursor
-            self._yielded += 1
-            yield batch
+        try:
+            for batch, local, cursor in it:
+                if isinstance(batch, _Failed):
+                    raise batch.error
+                self._cursors[local] = cursor
+                self._yielded += 1
+                yield batch
+        finally:  # an error, or the consumer closed this generator
+            if spec.num_workers:
+                _stop_workers(it)
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "dp_rank": self.spec.dp_rank,

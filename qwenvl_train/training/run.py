@@ -1,7 +1,9 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
 `run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
-`config.validate_launch`: the layout, the batch arithmetic and the data on disk).
+`config.validate_launch`: the layout, the batch arithmetic and the data on disk) and the
+launch checks of `training/preflight.py` (run_dir, init_from, a rerun's compatibility,
+memory), with the run lock held (`training/run_lock.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qwenvl_train.model.source_config import (
 )
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training import failfast
 from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
 from qwenvl_train.training.optim import (
     Schedule,
@@ -165,7 +168,11 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     if callbacks is None:
         callbacks = load_callbacks(cfg.callbacks)
     dist_info = init_distributed()
+    failfast.start(dist_info.rank, cfg.stop_grace_s)
     run_dir = Path(cfg.run_dir)
+    # Verified before anything is built: a damaged checkpoint stops (or falls back) now.
+    tag = (ckpt.select_resume(run_dir, cfg.checkpoint.on_damaged, dist_info.rank)
+           if cfg.resume == "auto" else None)
     resolved_config = cfg.to_dict()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,6 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
         )
     state, meter_state = TrainState(), {}
-    tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
@@ -210,18 +216,22 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     meter.load_state_dict(meter_state)
     trainer = Trainer(cfg, dist_info, engine, par, loader, data, tracker, meter, accum,
                       dummy_batch(cfg), state, callbacks)
+    failed = True
     try:
         last = trainer.fit()
         exported = {}
         if cfg.export_at_end and state.step >= cfg.stage.steps:
             exported = export(cfg, par, dist_info)
+        failed = False
     finally:
-        tracker.close()
+        tracker.close(exit_code=int(failed))
         if source is not None:
             # Stop the data workers now (they ignore SIGTERM and SIGINT, so an exit-time
             # terminate would wait on them).
             source.close()
         trainer.preempt.close()
+        if not failed:
+            failfast.stop()
     summary = {"step": state.step, **{k: v for k, v in last.items()
                                       if isinstance(v, (int, float, bool))},
                "exports": {k: str(v) for k, v in exported.items()},
@@ -234,11 +244,4 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             log.warning("WARNING (run summary): %s", frozen_random_warning(random_frozen))
     trainer.callbacks.on_run_end(trainer, summary)
     return summary
-
-
-def _agreed(value):
-    """Rank 0's value on every rank (e.g. the resume tag on node-local disks)."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
