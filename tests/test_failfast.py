@@ -22,7 +22,29 @@ from trainer_helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
+
+def test_a_failure_is_one_message_and_a_bug_keeps_its_traceback(tmp_path):
+    from qwenvl_train.cli.failures import report_failure
+    from qwenvl_train.data.stream import DataError
+
+    def report(error: Exception) -> str:
+        try:
+            raise error
+        except Exception as e:
+            code, text = report_failure(e, str(tmp_path), 0)
+        assert code == 1
+        return text
+
+    text = report(DataError("33 bad samples in a row"))
+    assert text.splitlines() == ["qwenvl-train: rank 0: 33 bad samples in a row",
+                                 f"  run dir {tmp_path}: no checkpoint was written; a rerun "
+                                 "starts from step 1"]
+    full = report(OSError(28, "No space left on device", str(tmp_path / "export")))
+    assert full.startswith("qwenvl-train: rank 0: the disk is full") and "Traceback" not in full
+    bug = report(KeyError("boom")).splitlines()
+    assert bug[0] == "qwenvl-train: rank 0: training failed: KeyError: 'boom'"
+    assert bug[2].startswith("Traceback") and bug[-1] == bug[0]
+
 
 # name -> (stage, overrides, what the message says). Each fails at the first batch.
 DATA_ERRORS = {
@@ -39,11 +61,14 @@ DATA_ERRORS = {
 def _assert_one_message_and_nothing_left(proc, run, says: str, nproc: int) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
-    assert out.count(says) == nproc, out[-3000:]  # one message per rank
+    # One message per rank (a rank still setting up when torchrun stops the group ends on
+    # SIGTERM's default action, silently).
+    assert 1 <= out.count(says) <= nproc, out[-3000:]
     assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
     assert processes_mentioning(str(run)) == []  # no rank, no DataLoader worker
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", sorted(DATA_ERRORS))
 def test_a_data_error_ends_a_single_process_run(run_cli, demo_data, tmp_path, error):
     stage, extra, says = DATA_ERRORS[error]
@@ -54,6 +79,7 @@ def test_a_data_error_ends_a_single_process_run(run_cli, demo_data, tmp_path, er
     assert "a rerun starts from step 1" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", sorted(DATA_ERRORS))
 def test_a_data_error_ends_every_rank_through_the_launcher(demo_data, tmp_path, error):
     stage, extra, says = DATA_ERRORS[error]
@@ -63,6 +89,7 @@ def test_a_data_error_ends_every_rank_through_the_launcher(demo_data, tmp_path, 
     assert "launch: rank" in proc.stderr and "exited with code 1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_a_peer_that_waits_outside_any_collective(demo_data, tmp_path):
     """Rank 1 hits a bug while rank 0 is busy elsewhere (no socket tells rank 0): rank 1's
     failure note ends rank 0 within seconds, not torchrun's 30 s SIGKILL later."""
@@ -82,6 +109,7 @@ def test_a_failing_rank_stops_a_peer_that_waits_outside_any_collective(demo_data
     assert time.time() - t0 < 240
 
 
+@pytest.mark.slow
 def test_a_rank_blocked_in_a_collective_exits_after_sigterm(demo_data, tmp_path):
     """Rank 1 hangs (SIGSTOP); rank 0 blocks in its next collective, where Python never runs
     the SIGTERM handler (as with NCCL and a dead peer). SIGTERM still ends rank 0 after

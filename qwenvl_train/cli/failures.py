@@ -1,7 +1,8 @@
 """How `qwenvl-train` reports a run that failed: one message per rank, then a hard exit.
 
 * A `RunError` (bad data, the NaN policy, a damaged or unwritable checkpoint) is explained
-  by its message: printed without a traceback.
+  by its message: printed without a traceback. So is a full disk (ENOSPC) anywhere else
+  (the export, the logs).
 * A rank that stopped because another one failed (its collective raised, or the other
   rank's failure note is in the store) says so and names that rank's message.
 * Anything else is a bug or an environment problem: one line first (what failed, where the
@@ -12,6 +13,7 @@ posts its message for the other ranks (training/failfast.py), which then exit to
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 
@@ -31,6 +33,12 @@ def _debug() -> bool:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as the text other writers (safetensors, torch) turn it into."""
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or "No space left on device" in str(error))
 
 
 def _lost_peer(error: BaseException) -> bool:
@@ -60,6 +68,11 @@ def report_failure(error: Exception, run_dir: str, rank: int) -> tuple[int, str]
     elif isinstance(error, RunError):
         text, show_traceback = f"{where}: {error}", _debug()
         failfast.announce_failure(rank, f"{type(error).__name__}: {_first_line(error)}")
+    elif _disk_full(error):
+        text = (f"{where}: the disk is full (no space left on device): {type(error).__name__}:"
+                f" {_first_line(error)}; free space on {run_dir}'s file system")
+        show_traceback = _debug()
+        failfast.announce_failure(rank, f"disk full: {_first_line(error)}")
     else:
         text = f"{where}: training failed: {type(error).__name__}: {_first_line(error)}"
         show_traceback = True

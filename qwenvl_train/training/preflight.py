@@ -118,9 +118,10 @@ def _describe(diff: list[tuple[str, Any, Any]]) -> str:
 def memory_estimate(cfg: TrainConfig, world_size: int, device: str) -> tuple[int, int]:
     """(bytes one process needs at least, bytes available to it) on `device` ("cuda" or
     "cpu"). Needed: weights, gradients and AdamW state (fp32 master + two moments under
-    bf16/fp16) of the stage's trainable groups, sharded as the ZeRO stage shards them over
-    the data-parallel ranks and split over pipeline x tensor ranks; activations come on top.
-    The same signature as the capacity planner's `required_memory_bytes`."""
+    bf16/fp16) of what trains (the stage's groups; with LoRA its matrices), sharded as the
+    ZeRO stage shards them over the data-parallel ranks and split over pipeline x tensor
+    ranks; activations come on top. The same signature as the capacity planner's
+    `required_memory_bytes`, which can replace it (`check_launch(..., estimate=...)`)."""
     import torch
 
     from qwenvl_train.model import groups
@@ -128,9 +129,16 @@ def memory_estimate(cfg: TrainConfig, world_size: int, device: str) -> tuple[int
 
     with torch.device("meta"):
         model = build_model(cfg.model, image_size=cfg.stage.image_size)
-    groups.set_trainable(model, cfg.stage.trainable, cfg.model.adapter.post_group)
+    lora = cfg.model.lora
+    groups.set_trainable(model, cfg.stage.trainable, cfg.model.adapter.post_group,
+                         lora_parts=lora.parts)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if lora.enabled:  # rank-r A and B on each adapted linear (model/lora.py)
+        added = sum(lora.rank * (m.in_features + m.out_features) for m in (
+            model.get_submodule(path) for path in groups.lora_targets(model.config,
+                                                                      lora.targets)))
+        total, trainable = total + added, trainable + added
     half = device == "cuda" and cfg.stage.precision in ("bf16", "fp16")
     weight_bytes = 2 if half else 4
     optimizer_bytes = 12 if half else 8  # fp32 master copy + exp_avg + exp_avg_sq
