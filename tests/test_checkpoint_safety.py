@@ -17,6 +17,7 @@ import pytest
 from trainer_helpers import TRAIN, callbacks, losses, metrics, overrides, plugin
 
 from qwenvl_train.training.checkpoint_files import (
+    DATA_STATE,
     MANIFEST,
     build_manifest,
     file_checksum,
@@ -97,13 +98,46 @@ def test_an_unusable_latest_is_reported_not_taken_for_none(tmp_path, content, pr
     assert read_latest(tmp_path / "nowhere") == type(latest)()  # absent: no checkpoint
 
 
+def _checkpoint(root: Path, tag: str, files: dict[str, bytes]) -> Path:
+    step = root / tag
+    step.mkdir(parents=True)
+    for name, data in files.items():
+        (step / name).write_bytes(data)
+    sizes = listing(step)
+    manifest = build_manifest(tag, 1, sizes, {n: file_checksum(step / n) for n in sizes})
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    return step
+
+
+def test_the_launch_check_reads_the_checkpoint_a_fallback_resume_picks(tmp_path):
+    """`resume_candidate` (no process group) skips a newest checkpoint whose sizes or small
+    files (data_state.json) are damaged, as `select_resume` does; a large file corrupted at
+    its size is left to `select_resume`, whose pick run.py checks again."""
+    from qwenvl_train.training.checkpoint import resume_candidate
+
+    root = tmp_path / "checkpoints"
+    files = {"model.pt": b"m" * (2 << 20), DATA_STATE: b'{"step": 4}'}
+    _checkpoint(root, "step_0000004", files)
+    step6 = _checkpoint(root, "step_0000006", {**files, DATA_STATE: b'{"step": 6}'})
+    (root / "latest").write_text("step_0000006")
+    assert resume_candidate(tmp_path, "fallback") == "step_0000006"
+    (step6 / "model.pt").write_bytes(b"x" * (2 << 20))  # same size, other bytes
+    assert resume_candidate(tmp_path, "fallback") == "step_0000006"
+    (step6 / DATA_STATE).write_bytes(b'{"step": 7}')  # torn at its size
+    assert resume_candidate(tmp_path, "fallback") == "step_0000004"
+    assert resume_candidate(tmp_path, "stop") is None  # select_resume refuses
+    (root / "latest").write_bytes(b"")
+    assert resume_candidate(tmp_path, "fallback") == "step_0000004"
+    assert resume_candidate(tmp_path, "stop") is None
+
+
 # -- through the CLI -------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("content", [b"", b"garbage\n", bytes(range(256)), b"step_0000042"])
-def test_an_unusable_latest_never_restarts_training(run_cli, finished, demo_data, tmp_path,
-                                                     content):
+def test_an_unusable_latest_never_restarts_training(run_cli, finished, demo_data, tmp_path):
+    """An empty `latest` (the other unusable contents: the unit test above) stops or, with
+    on_damaged=fallback, resumes the newest intact checkpoint; nothing restarts."""
     run = _copy(finished, tmp_path / "run")
-    (run / "checkpoints" / "latest").write_bytes(content)
+    (run / "checkpoints" / "latest").write_bytes(b"")
     before, rows = _tree(run), len(metrics(run))
     stop = run_cli(TRAIN[1], overrides(run, demo_data, *ZERO2_ONE_RANK,
                                        "checkpoint.on_damaged=stop"))
@@ -112,8 +146,6 @@ def test_an_unusable_latest_never_restarts_training(run_cli, finished, demo_data
     assert f"echo step_0000006 > {run / 'checkpoints' / 'latest'}" in stop.stderr
     assert "Traceback" not in stop.stderr
     assert _tree(run) == before and len(metrics(run)) == rows  # nothing trained or deleted
-    if content != b"garbage\n":
-        return
     fallback = run_cli(TRAIN[1], overrides(run, demo_data, *ZERO2_ONE_RANK))
     assert fallback.returncode == 0, fallback.stderr[-3000:]
     assert "looking for the newest intact checkpoint" in fallback.stderr
@@ -121,43 +153,48 @@ def test_an_unusable_latest_never_restarts_training(run_cli, finished, demo_data
     assert len(metrics(run)) == rows  # the finished run was not trained again
 
 
-DAMAGE = {  # what is done to step 6 -> what the message says
-    "model": (lambda d: _truncate(d / MODEL), f"{MODEL} is "),
-    "optimizer": (lambda d: _truncate(d / OPTIMIZER), f"{OPTIMIZER} is "),
-    "trainer_state": (lambda d: (d / "trainer_rank0.pt").unlink(), "trainer_rank0.pt is missing"),
-}
-
-
 def _truncate(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
 
 
+# What is done to step 6 -> what the message says. All at once: each file is verified the
+# same way, and the message names every problem.
+DAMAGE = {
+    MODEL: (_truncate, f"{MODEL} is "),
+    OPTIMIZER: (_truncate, f"{OPTIMIZER} is "),
+    "trainer_rank0.pt": (Path.unlink, "trainer_rank0.pt is missing"),
+    # torn: the data-order launch check (training/elastic.py) must not read it either
+    DATA_STATE: (_truncate, f"{DATA_STATE} is "),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_checkpoint_stops_or_falls_back_with_exact_losses(run_cli, finished,
-                                                                    demo_data, tmp_path,
-                                                                    damage):
+                                                                    demo_data, tmp_path):
     run = _copy(finished, tmp_path / "run")
     ref = losses(finished)
-    do, says = DAMAGE[damage]
-    do(run / "checkpoints" / "step_0000006")
+    for name, (do, _) in DAMAGE.items():
+        do(run / "checkpoints" / "step_0000006" / name)
     before = _tree(run)
     stop = run_cli(TRAIN[1], overrides(run, demo_data, *ZERO2_ONE_RANK,
                                        "checkpoint.on_damaged=stop"))
     assert stop.returncode == 1, stop.stderr[-3000:]
     message = [line for line in stop.stderr.splitlines() if "qwenvl-train:" in line]
-    assert len(message) == 1 and says in message[0], stop.stderr[-3000:]
+    assert len(message) == 1, stop.stderr[-3000:]
+    assert all(says in message[0] for _, says in DAMAGE.values()), message[0]
     assert "step_0000006 is damaged" in message[0] and "on_damaged=fallback" in message[0]
     assert "Traceback" not in stop.stderr and _tree(run) == before
     fallback = run_cli(TRAIN[1], overrides(run, demo_data, *ZERO2_ONE_RANK))
     assert fallback.returncode == 0, fallback.stderr[-3000:]
-    assert "step_0000006 is damaged" in fallback.stderr and says in fallback.stderr
+    warning = next(x for x in fallback.stderr.splitlines() if "step_0000006 is damaged" in x)
+    assert all(says in warning for _, says in DAMAGE.values()), warning
     assert "resuming from step_0000004" in fallback.stderr
     assert losses(run) == ref  # steps 5 and 6 trained again: bitwise the same losses
     assert read_latest(run / "checkpoints").tag == "step_0000006"
     step6 = run / "checkpoints" / "step_0000006"
     manifest = read_manifest(step6)
+    assert DATA_STATE in manifest["files"]
     assert verify_files(step6, manifest, list(manifest["files"])) == []
     assert (run / "checkpoints" / "step_0000004").is_dir()  # kept: keep_last=3
 

@@ -74,10 +74,16 @@ class RunLogFile(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(run_dir: str) -> None:
+def _console_logging() -> int:
+    """Rank 0 logs INFO to the console, the other ranks warnings only; returns the rank."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=LOG_FORMAT.format(rank=rank), datefmt="%H:%M:%S", force=True)
+    return rank
+
+
+def _setup_logging(run_dir: str) -> None:
+    rank = _console_logging()
     if rank == 0:
         handler = RunLogFile(Path(run_dir) / "train.log")
         handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank),
@@ -89,6 +95,7 @@ def _checked(raw: DictConfig | None, overrides: list[str]
              ) -> tuple[TrainConfig, list[TrainerCallback], RunLock | None]:
     """The validated config, its callbacks and (rank 0) the run lock, or exit 2 with the
     one-line reason."""
+    _console_logging()  # what the checks report (e.g. sizes read from the weights)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = to_schema(raw if raw is not None else compose(overrides))

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from qwenvl_train.checks import RunError
 from qwenvl_train.model.source_config import resolve_init_from  # noqa: F401 (torch-free home)
 from qwenvl_train.training.checkpoint_files import (
+    DATA_STATE,
     LATEST,
     MANIFEST,
     build_manifest,
@@ -54,11 +55,12 @@ from qwenvl_train.training.checkpoint_files import (
     write_atomic,
 )
 
-__all__ = ["CheckpointError", "checkpoint_dir", "latest_tag", "load", "resolve_init_from",
-           "save", "select_resume", "tag_for"]
+__all__ = ["CheckpointError", "checkpoint_dir", "latest_tag", "load", "load_data_state",
+           "resolve_init_from", "resume_candidate", "save", "select_resume", "tag_for"]
 log = logging.getLogger("qwenvl_train")
 TRAINABLE = "trainable"  # names of this rank's trainable parameters, checked on resume
 _FULL_BYTES = 64 << 20  # a write that failed with less free space than this: the disk is full
+_QUICK_HASH_BYTES = 1 << 20  # `resume_candidate` hashes the files up to this size
 
 
 class CheckpointError(RunError):
@@ -101,9 +103,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- save --------------------------------------------------------------------------------
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int, on_written: Callable[[Path], None] | None = None) -> Path:
+         keep_last: int, on_written: Callable[[Path], None] | None = None,
+         data_state: dict | None = None) -> Path:
     """Save on every rank; `latest` moves after every rank wrote and the manifest is written.
-    `on_written(path)` runs once this rank's files are in `path`, before the barrier."""
+    `on_written(path)` runs once this rank's files are in `path`, before the barrier.
+    `data_state` (the loader's global state, on rank 0) goes into `data_state.json`."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -117,6 +121,8 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
                                exclude_frozen_parameters=True)
         torch.save({**trainer_state, "rng": rng_state(), TRAINABLE: _trainable_names(engine)},
                    path / f"trainer_rank{rank}.pt")
+        if rank == 0 and data_state is not None:  # covered by the manifest like the rest
+            (path / DATA_STATE).write_text(json.dumps(data_state))
         if on_written is not None:
             on_written(path)
     except Exception as e:
@@ -203,6 +209,27 @@ def select_resume(run_dir: str | Path, on_damaged: str, rank: int) -> str | None
                                    [], on_damaged))
 
 
+def resume_candidate(run_dir: str | Path, on_damaged: str) -> str | None:
+    """Without a process group (the launch checks, training/elastic.py): the checkpoint
+    `select_resume` will pick, as far as the sizes of all files and the checksums of the
+    small ones (data_state.json, the trainer states) tell. A large file corrupted at its
+    size is found by `select_resume` only; run.py then checks its pick again. None: no
+    checkpoint, or none intact (`select_resume` says so)."""
+    root = checkpoint_dir(run_dir)
+    plan = _resume_plan(root)
+    if plan is None or (plan[0] and on_damaged == "stop"):
+        return None
+    for tag, manifest in plan[1]:
+        if manifest is None:  # written before manifests: nothing to check it against
+            return tag
+        if isinstance(manifest, dict) and not verify_files(
+                root / tag, manifest, list(manifest["files"]), hash_at_most=_QUICK_HASH_BYTES):
+            return tag
+        if on_damaged == "stop":
+            return None
+    return None
+
+
 def _resume_plan(root: Path) -> tuple[str | None, list] | None:
     """Rank 0: (what is wrong with `latest` or None, [(tag, manifest)] to try in order)."""
     latest = read_latest(root)
@@ -230,12 +257,8 @@ def _check(step_dir: Path, manifest: dict | str | None, rank: int, world: int) -
             _warn(rank, f"{step_dir} has no {MANIFEST} (written by an older version): "
                         "loading it unverified")
         return [f"{name} is missing (no {MANIFEST} either)" for name in missing]
-    if manifest["world_size"] != world:
-        raise CheckpointError(
-            f"{step_dir} was written by {manifest['world_size']} processes and this run has "
-            f"{world}: resume with {manifest['world_size']} processes (the data position "
-            "and optimizer shards are per rank), or start a new stage from its export with "
-            "init_from")
+    # Written by another number of processes: whether that layout can resume is the launch
+    # check's (training/elastic.py); the files are verified the same way.
     sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
     mine = verify_files(step_dir, manifest, shares(sizes, world)[rank])
     everyone: list[list[str]] = [[] for _ in range(world)]
@@ -264,7 +287,14 @@ def _warn(rank: int, message: str) -> None:
 def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     """Restore model, optimizer and scheduler through DeepSpeed; return this rank's state."""
     root = checkpoint_dir(run_dir)
-    path = root / tag / f"trainer_rank{rank}.pt"
+    # Written by another number of processes (an elastic resume, checked at launch by
+    # training/elastic.py): the counters are the same on every rank, take rank 0's; the
+    # per-rank RNG streams have no counterpart, each rank keeps its seeded one.
+    data_state = root / tag / DATA_STATE  # absent when no loader saved (test workers)
+    saved_world = (json.loads(data_state.read_text()).get("layout", {}).get("world_size")
+                   if data_state.exists() else None)
+    same_layout = saved_world in (None, dist.get_world_size())
+    path = root / tag / f"trainer_rank{rank if same_layout else 0}.pt"
     if not path.exists():
         raise CheckpointError(
             f"{path} is missing: the checkpoint was written by fewer ranks than this run has; "
@@ -284,7 +314,12 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
             "with, or start a new stage from its export with init_from") from e
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag}")
-    set_rng_state(state.pop("rng"))
+    rng = state.pop("rng")
+    if same_layout:
+        set_rng_state(rng)
+    elif rank == 0:
+        log.warning("resuming a checkpoint of %d processes with %d: RNG states not restored",
+                    saved_world, dist.get_world_size())
     return state
 
 
@@ -304,3 +339,14 @@ def _check_trainable(saved: list[str] | None, engine, where: Path) -> None:
             f"or model.lora changed?): this run also trains {missing[:4]}, the checkpoint "
             f"also has {extra[:4]}; resume with the saving run's config, or start a new "
             "run_dir with init_from")
+
+
+def load_data_state(run_dir: str | Path, tag: str) -> dict:
+    """The data position of every virtual stream (`data_state.json` of checkpoint `tag`)."""
+    path = checkpoint_dir(run_dir) / tag / DATA_STATE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint predates the layout-independent data order "
+            "(or is incomplete); resume it with the code that wrote it, or start the stage "
+            "in a new run_dir")
+    return json.loads(path.read_text())

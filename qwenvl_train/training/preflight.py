@@ -1,23 +1,25 @@
 """The launch checks that need the disk or the machine, before anything is written.
 
-`check_launch(cfg, world_size)` runs after the config validated (`config.validate_launch`)
+`check_launch(cfg, world_size)` runs after the config validated (`config.validate_launch`,
+which runs `check_rerun` before the data-order check of a resume, training/elastic.py)
 and before the run lock is taken and `run_dir` is touched. Each check raises `LaunchError`
 with one message naming the key and the fix:
 
 * `run_dir` is a file, or cannot be created or written;
-* a rerun of a run directory that holds checkpoints, with a model, sequence length, image
-  size, trainable groups or parallel layout that its checkpoints cannot resume into (or
-  with `resume=never`, which would overwrite them); the run's `config.json` is therefore
-  never overwritten by an incompatible launch;
-* the model does not fit: parameters x bytes per parameter for the ZeRO stage and
-  precision against the memory available per process (`memory_estimate`).
+* (`check_rerun`) a rerun of a run directory that holds checkpoints, with a model,
+  sequence length, image size, trainable groups or parallel layout that its checkpoints
+  cannot resume into (or with `resume=never`, which would overwrite them); the run's
+  `config.json` is therefore never overwritten by an incompatible launch;
+* the model does not fit: the capacity planner's peak per process for this config and
+  layout (`observe/plan.py:required_memory_bytes`) against the memory available to it.
 
-Only the memory check imports torch (and builds the model on the meta device).
+Only the memory check imports torch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +35,20 @@ RESUME_KEYS = ("model.llm", "model.vision", "model.adapter", "stage.name", "stag
                "stage.seq_len", "stage.image_size", "stage.trainable", "stage.pack",
                "parallel.zero_stage", "parallel.pp", "parallel.tp")
 MemoryEstimate = Callable[[TrainConfig, int, str], tuple[int, int]]
+log = logging.getLogger("qwenvl_train")
+
+
+def _planned_memory(cfg: TrainConfig, world_size: int, device: str) -> tuple[int, int]:
+    # Imported here: the planner imports torch, which the other launch checks do not need.
+    from qwenvl_train.training.observe.plan import required_memory_bytes
+
+    return required_memory_bytes(cfg, world_size, device)
 
 
 def check_launch(cfg: TrainConfig, world_size: int,
                  estimate: MemoryEstimate | None = None) -> None:
     check_run_dir(cfg)  # init_from and the weight sources: config.check_weights
-    check_rerun(cfg)
-    check_memory(cfg, world_size, estimate or memory_estimate)
+    check_memory(cfg, world_size, estimate or _planned_memory)
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
@@ -115,72 +124,23 @@ def _describe(diff: list[tuple[str, Any, Any]]) -> str:
 
 
 # -- memory ------------------------------------------------------------------------------
-def memory_estimate(cfg: TrainConfig, world_size: int, device: str) -> tuple[int, int]:
-    """(bytes one process needs at least, bytes available to it) on `device` ("cuda" or
-    "cpu"). Needed: weights, gradients and AdamW state (fp32 master + two moments under
-    bf16/fp16) of what trains (the stage's groups; with LoRA its matrices), sharded as the
-    ZeRO stage shards them over the data-parallel ranks and split over pipeline x tensor
-    ranks; activations come on top. The same signature as the capacity planner's
-    `required_memory_bytes`, which can replace it (`check_launch(..., estimate=...)`)."""
-    import torch
-
-    from qwenvl_train.model import groups
-    from qwenvl_train.model.qwenvl import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg.model, image_size=cfg.stage.image_size)
-    lora = cfg.model.lora
-    groups.set_trainable(model, cfg.stage.trainable, cfg.model.adapter.post_group,
-                         lora_parts=lora.parts)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if lora.enabled:  # rank-r A and B on each adapted linear (model/lora.py)
-        added = sum(lora.rank * (m.in_features + m.out_features) for m in (
-            model.get_submodule(path) for path in groups.lora_targets(model.config,
-                                                                      lora.targets)))
-        total, trainable = total + added, trainable + added
-    half = device == "cuda" and cfg.stage.precision in ("bf16", "fp16")
-    weight_bytes = 2 if half else 4
-    optimizer_bytes = 12 if half else 8  # fp32 master copy + exp_avg + exp_avg_sq
-    split = cfg.parallel.pp * cfg.parallel.tp
-    dp, zero = max(1, world_size // split), cfg.parallel.zero_stage
-    needed = (total * weight_bytes / (dp if zero >= 3 else 1)
-              + trainable * weight_bytes / (dp if zero >= 2 else 1)
-              + trainable * optimizer_bytes / (dp if zero >= 1 else 1)) / split
-    return int(needed), _available_bytes(device)
-
-
-def _available_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0])
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return _mem_available() // max(1, per_node)
-
-
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def check_memory(cfg: TrainConfig, world_size: int, estimate: MemoryEstimate) -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.lora.enabled:  # the planner counts full training of the groups LoRA adapts
+        log.info("launch check: memory not checked (the capacity planner does not model "
+                 "model.lora)")
+        return
     needed, available = estimate(cfg, world_size, device)
     if needed <= available:
         return
     gib = 2**30
     raise LaunchError(
         f"model={cfg.model.name}: one process needs at least {needed / gib:,.1f} GiB "
-        f"(weights, gradients and AdamW state with parallel.zero_stage="
-        f"{cfg.parallel.zero_stage} over {world_size} process(es); activations on top) and "
-        f"this {device} has {available / gib:,.1f} GiB available per process. Use more "
-        "devices, parallel=zero3 (shards weights, gradients and optimizer state), a "
-        "pipeline/tensor layout (parallel=pp2|tp2), or a smaller model")
+        f"(weights, gradients, AdamW state and activations at stage.micro_batch_size="
+        f"{cfg.stage.micro_batch_size}, parallel.zero_stage={cfg.parallel.zero_stage} over "
+        f"{world_size} process(es); `qwenvl-plan` shows the breakdown) and this {device} has "
+        f"{available / gib:,.1f} GiB available per process. Use more devices, parallel=zero3 "
+        "(shards weights, gradients and optimizer state), a pipeline/tensor layout "
+        "(parallel=pp2|tp2), a smaller micro-batch, or a smaller model")

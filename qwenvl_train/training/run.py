@@ -124,7 +124,7 @@ def dummy_batch(cfg: TrainConfig) -> dict:
         "labels": torch.tensor([[IGNORE_INDEX, tok.eod_id]]),
         "position_ids": torch.tensor([[0, 1]]),
         "segment_ids": torch.ones_like(ids),
-        "images": torch.zeros(0, 3, size, size),
+        "images": torch.zeros(0, 3, size, size, dtype=torch.uint8),
         "task_ids": torch.zeros_like(ids),
     }
 
@@ -159,9 +159,23 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
     return paths
 
 
+def _check_data_resume(cfg: TrainConfig, tag: str, world_size: int) -> None:
+    """The launch check of what a resume may change (training/elastic.py) read the checkpoint
+    `ckpt.resume_candidate` chose by sizes; `select_resume` verified the checksums too and
+    may have fallen back further. Check the checkpoint it picked (data_state.json: cheap)."""
+    from qwenvl_train.checks import ConfigError
+    from qwenvl_train.training.elastic import check_resume
+
+    try:
+        check_resume(cfg, world_size, tag)
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"cannot resume from {tag}: {e}") from None
+
+
 def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
     """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
+    from qwenvl_train.training.elastic import build_exchange, micro_batch_cost
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
@@ -173,6 +187,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     # Verified before anything is built: a damaged checkpoint stops (or falls back) now.
     tag = (ckpt.select_resume(run_dir, cfg.checkpoint.on_damaged, dist_info.rank)
            if cfg.resume == "auto" else None)
+    if tag is not None:
+        _check_data_resume(cfg, tag, dist_info.world_size)
     resolved_config = cfg.to_dict()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +207,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     del model
 
     loader = None
+    exchange = build_exchange(cfg, par)  # collective: the readers' group (None elsewhere)
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
         # data.num_workers workers, at most one per CPU of this process
         loader = build_loader(
@@ -198,12 +215,14 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             image_size=cfg.stage.image_size, seq_len=cfg.stage.seq_len, pack=cfg.stage.pack,
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
+            global_batch_size=cfg.stage.global_batch_size, exchange=exchange,
+            cost=micro_batch_cost(cfg),
         )
     state, meter_state = TrainState(), {}
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
-            loader.load_state_dict(state.loader)
+            loader.load_state_dict(ckpt.load_data_state(run_dir, tag))
         meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
     source = iter(loader) if loader is not None else None

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from qwenvl_train.checks import RunError
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
+from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training import failfast
@@ -122,7 +123,7 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in _MODEL_INPUTS}
-    out["images"] = out["images"].to(dtype)
+    out["images"] = normalize_images(out["images"], dtype)  # uint8 or float -> dtype
     return out
 
 
@@ -277,14 +278,16 @@ class Trainer:
         return last
 
     def save(self) -> None:
-        self.state.loader = self.loader.state_dict() if self.loader is not None else {}
+        # Every virtual stream's position (a collective over the readers); rank 0 writes it.
+        data_state = self.loader.state_dict() if self.loader is not None else None
         self.state.meter = self.meter.state_dict()
         step = self.state.step
         with failfast.busy():
             ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
                       self.dist.rank, self.cfg.checkpoint.keep_last,
                       on_written=lambda path: self.callbacks.on_checkpoint_written(self, step,
-                                                                                   path))
+                                                                                   path),
+                      data_state=data_state)
 
     def _global_data_stats(self) -> dict[str, float]:
         """Loader counters summed over all readers (ranks without a loader add zeros)."""
