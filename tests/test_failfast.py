@@ -46,15 +46,18 @@ def test_a_failure_is_one_message_and_a_bug_keeps_its_traceback(tmp_path):
     assert bug[2].startswith("Traceback") and bug[-1] == bug[0]
 
 
-# name -> (stage, overrides, what the message says). Each fails at the first batch.
+# name -> (stage, overrides, what the message says). Each fails at the first batch. Two
+# virtual streams (the fewest two ranks can read) with 21 caption samples each: 8 bad ones
+# in a row come before a stream's epoch ends (which is "no usable sample").
+IN_A_ROW = ["data.virtual_streams=2", "data.max_consecutive_bad=7"]
 DATA_ERRORS = {
-    "seq_len_too_short": ("multitask", ["stage.seq_len=72", "data.num_workers=1"],
+    "seq_len_too_short": ("multitask", ["stage.seq_len=72", "data.num_workers=1", *IN_A_ROW],
                           "stage.seq_len=72 is too short for these samples"),
     # Without the manifests every source is read, and sft takes only the chat samples.
     "no_usable_sample": ("sft", ["data.use_manifests=false", "data.num_workers=0"],
                          "found no usable sample"),
-    "bad_samples": ("pretrain", ["data.max_image_pixels=100", "data.num_workers=1"],
-                    "33 bad samples in a row"),
+    "bad_samples": ("pretrain", ["data.max_image_pixels=100", "data.num_workers=1", *IN_A_ROW],
+                    "8 bad samples in a row"),
 }
 
 
