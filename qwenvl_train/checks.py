@@ -1,4 +1,5 @@
-"""`ConfigError` and the value checks the component config dataclasses share.
+"""`ConfigError`, `LaunchError`, `RunError`, and the value checks the component config
+dataclasses share.
 
 A leaf module (no project or heavy imports) so that every `*/config.py` can use it and
 `qwenvl_train/config.py` can compose them without an import cycle.
@@ -11,6 +12,16 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config value that is not allowed; the message names the key."""
+
+
+class LaunchError(ConfigError):
+    """A launch that cannot go ahead as configured (run_dir, init_from, the run lock, memory),
+    found before anything is written; the message names the key and the fix."""
+
+
+class RunError(RuntimeError):
+    """A failure during a run that its message explains (bad data, the NaN policy, a damaged
+    checkpoint, a full disk): reported in one message, without a traceback."""
 
 
 def choice(key: str, value: Any, allowed: tuple) -> None:

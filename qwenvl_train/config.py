@@ -62,6 +62,9 @@ class TrainConfig:
     log_every: int = 1
     nan_policy: str = "skip"
     max_consecutive_nan: int = 5
+    # After SIGTERM a rank must reach its next step boundary within this many seconds, else
+    # it is blocked (in a collective whose peer died) and exits (training/failfast.py).
+    stop_grace_s: float = 120.0
     export_at_end: bool = True
     # Trainer callbacks to install: "pkg.module.Name" or {_target_: ..., kwargs} (callbacks.py)
     callbacks: list[Any] = field(default_factory=list)
@@ -80,6 +83,7 @@ class TrainConfig:
         choice("nan_policy", self.nan_policy, ("skip", "stop"))
         positive("log_every", self.log_every)
         positive("max_consecutive_nan", self.max_consecutive_nan, allow_zero=True)
+        positive("stop_grace_s", self.stop_grace_s)
         if self.stage.image_size % self.model.vision.patch_size:
             raise ConfigError(
                 f"stage.image_size: {self.stage.image_size} is not a multiple of "
@@ -112,7 +116,9 @@ def validate_launch(cfg: TrainConfig, world_size: int) -> int:
     check_source_sizes(cfg.data, cfg.stage.template)
     cfg.eval.check_shards(cfg.data.root)
     from qwenvl_train.training.elastic import check_resume  # reads a checkpoint: torch
+    from qwenvl_train.training.preflight import check_rerun
 
+    check_rerun(cfg)  # first: the saved config.json against this one (model, seq_len, ...)
     check_resume(cfg, world_size)  # what a resume may change (README "Resuming")
     return accum
 

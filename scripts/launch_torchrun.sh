@@ -10,8 +10,14 @@
 #
 # Environment (defaults): NNODES (1), NODE_RANK (0), NPROC_PER_NODE (visible GPUs, else 1),
 # MASTER_ADDR (none: single-node --standalone), MASTER_PORT (29500), RDZV_BACKEND (static |
-# c10d), RDZV_ID (qwenvl), TORCHRUN (torchrun), TORCHRUN_ARGS (extra torchrun flags),
-# DRY_RUN=1 prints the command instead of running it.
+# c10d), RDZV_ID (qwenvl), PYTHON (the interpreter next to `torchrun`, else .venv's, else
+# python3), TORCHRUN (another torchrun command: then its own failure report is shown),
+# TORCHRUN_ARGS (extra torchrun flags), DRY_RUN=1 prints the command instead of running it.
+#
+# torchrun runs as `python -m qwenvl_train.cli.launch`: the same torchrun, which reports a
+# failed worker in one line instead of its ChildFailedError traceback. Its workers live in
+# sessions of their own; each asks the kernel for SIGTERM when torchrun dies, so killing
+# this launcher's process group (even with SIGKILL) stops them too (they save and exit).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,9 +44,19 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1  # CPU: one process
 fi
 
-TORCHRUN="${TORCHRUN:-torchrun}"
-if ! command -v "$TORCHRUN" > /dev/null 2>&1 && [[ -x "$REPO_ROOT/.venv/bin/torchrun" ]]; then
-    TORCHRUN="$REPO_ROOT/.venv/bin/torchrun"
+if [[ -n "${TORCHRUN:-}" ]]; then
+    launcher=("$TORCHRUN")
+else
+    if [[ -z "${PYTHON:-}" ]]; then
+        PYTHON=python3
+        if command -v torchrun > /dev/null 2>&1 \
+                && [[ -x "$(dirname "$(command -v torchrun)")/python" ]]; then
+            PYTHON="$(dirname "$(command -v torchrun)")/python"
+        elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
+            PYTHON="$REPO_ROOT/.venv/bin/python"
+        fi
+    fi
+    launcher=("$PYTHON" -m qwenvl_train.cli.launch)
 fi
 
 # On SIGTERM (preemption, SLURM --signal) torchrun forwards the signal to the workers and
@@ -69,7 +85,7 @@ if [[ -n "${TORCHRUN_ARGS:-}" ]]; then
     read -r -a extra <<< "$TORCHRUN_ARGS"
 fi
 
-cmd=("$TORCHRUN" "${args[@]}" ${extra[@]+"${extra[@]}"} -m qwenvl_train.cli.train "$@")
+cmd=("${launcher[@]}" "${args[@]}" ${extra[@]+"${extra[@]}"} -m qwenvl_train.cli.train "$@")
 echo "+ ${cmd[*]}" >&2
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     exit 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -171,4 +173,22 @@ def test_bad_and_oversized_images():
     assert e.value.reason == "bad_image"
     with pytest.raises(SampleError) as e:
         load_image(image_bytes(64, 48), 32, max_pixels=1000)
+    assert e.value.reason == "image_too_large"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` (1-bit greyscale): a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_with_a_small_declared_size_is_image_too_large():
+    bomb = _png_header_only(30_000, 30_000)  # 9e8 px: beyond PIL's own bomb limit
+    assert len(bomb) < 100
+    with pytest.raises(SampleError) as e:
+        load_image_uint8(bomb, 32, expected_size=(10, 10))  # the record says 10 x 10
     assert e.value.reason == "image_too_large"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -98,3 +100,37 @@ def update_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
         for key in ("module", "optimizer", "optimizer_state_dict"):
             collect(f"{path.stem}.{key}", ckpt.get(key))
     return out
+
+
+def launch(args: list[str], nproc: int, *, timeout: int = 300,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `scripts/launch_torchrun.sh ARGS` with `nproc` processes (the user's launcher)."""
+    from conftest import REPO, _env
+
+    return subprocess.run([str(REPO / "scripts" / "launch_torchrun.sh"), *args], cwd=REPO,
+                          env=_env({"NPROC_PER_NODE": str(nproc), **(env or {})}),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes (not zombies) whose command line contains `text`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            out.append(int(proc.name))
+    return out
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.3)

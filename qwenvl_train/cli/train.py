@@ -6,7 +6,13 @@
 The overrides are composed onto the Hydra config (`configs/train.yaml`) and validated
 (schema, allowed values, batch arithmetic, parallel layout, data on disk) before any process
 group starts; up to there nothing imports torch. A rejected config -- also an option or key
-that does not exist -- is one line naming the key and what is allowed, exit status 2.
+that does not exist -- is one line naming the key and what is allowed, exit status 2. So is
+a launch that cannot go ahead (training/preflight.py: run_dir, a rerun's compatibility with
+its checkpoints, memory; then rank 0 takes the run directory's lock, training/run_lock.py),
+found before anything is written.
+
+A failure during the run is one message per rank (cli/failures.py), exit status 1, and
+ends the process at once on every rank (training/failfast.py).
 
 Plain overrides are composed with Hydra's compose API, not run as a Hydra app: its runner
 would report a bad override with its own text and exit status 1, and make a timestamped
@@ -28,6 +34,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qwenvl_train.checks import LaunchError
 from qwenvl_train.config import (
     CONFIG_DIR,
     ConfigError,
@@ -36,7 +43,10 @@ from qwenvl_train.config import (
     to_schema,
     validate_launch,
 )
+from qwenvl_train.training import failfast
 from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
+from qwenvl_train.training.preflight import check_launch
+from qwenvl_train.training.run_lock import RunLock
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a process stopped by Ctrl-C
 LOG_FORMAT = "[%(asctime)s rank{rank}] %(message)s"
@@ -82,19 +92,27 @@ def _setup_logging(run_dir: str) -> None:
 
 
 def _checked(raw: DictConfig | None, overrides: list[str]
-             ) -> tuple[TrainConfig, list[TrainerCallback]]:
-    """The validated config and its callbacks, or exit 2 with the one-line reason."""
+             ) -> tuple[TrainConfig, list[TrainerCallback], RunLock | None]:
+    """The validated config, its callbacks and (rank 0) the run lock, or exit 2 with the
+    one-line reason."""
     _console_logging()  # what the checks report (e.g. sizes read from the weights)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = to_schema(raw if raw is not None else compose(overrides))
-        validate_launch(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        return cfg, load_callbacks(cfg.callbacks)
+        validate_launch(cfg, world_size)
+        callbacks = load_callbacks(cfg.callbacks)
+        check_launch(cfg, world_size)
+        lock = RunLock.acquire(cfg.run_dir) if int(os.environ.get("RANK", 0)) == 0 else None
+        return cfg, callbacks, lock
     except ConfigError as e:
-        print(f"qwenvl-train: invalid config: {e}", file=sys.stderr)
+        what = "cannot start" if isinstance(e, LaunchError) else "invalid config"
+        print(f"qwenvl-train: {what}: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def _launch(cfg: TrainConfig, callbacks: list[TrainerCallback]) -> None:
+def _launch(cfg: TrainConfig, callbacks: list[TrainerCallback], lock: RunLock | None) -> None:
+    if lock is not None:
+        failfast.at_hard_exit(lock.release)
     _setup_logging(cfg.run_dir)
     from qwenvl_train.training.run import run
 
@@ -105,6 +123,13 @@ def _launch(cfg: TrainConfig, callbacks: list[TrainerCallback]) -> None:
               f"to continue from the last checkpoint in {cfg.run_dir}/checkpoints (if any)",
               file=sys.stderr)
         sys.exit(INTERRUPTED)
+    except Exception as e:
+        from qwenvl_train.cli.failures import report_failure
+
+        failfast.hard_exit(*report_failure(e, cfg.run_dir, int(os.environ.get("RANK", 0))))
+    finally:
+        if lock is not None:
+            lock.release()
     if summary.get("stop_signal") == signal.SIGINT:
         sys.exit(INTERRUPTED)
 
@@ -165,6 +190,7 @@ def _help(config_dirs: list[Path]) -> str:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    failfast.die_with_launcher()  # a torchrun worker ends with torchrun
     overrides, config_dirs = _split_config_dirs(sys.argv[1:])
     if any(arg in ("--help", "-h") for arg in overrides):
         print(_help(config_dirs))

@@ -43,6 +43,8 @@ def open_image(data: bytes, *, max_pixels: int | None = None,
     """Open (header only) and check size limits; raises SampleError."""
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # a huge image, whatever the record declared
+        raise SampleError("image_too_large", str(e)) from None
     except Exception as e:  # PIL raises many exception types for garbage
         raise SampleError("bad_image", f"cannot open image: {e}") from None
     check_size(*img.size, max_pixels=max_pixels, expected_size=expected_size)

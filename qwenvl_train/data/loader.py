@@ -58,6 +58,8 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from qwenvl_train.checks import RunError
+
 from .balance import assign, straggler_ratio
 from .config import DataConfig
 from .global_order import GlobalOrder, check_cover
@@ -98,25 +100,55 @@ class _ReaderDataset(IterableDataset):
         info = get_worker_info()
         order, rank = self.order, self.spec.dp_rank
         worker = info.id if info is not None else 0
-        streams = {v: iter(Stream(self.spec, self.tok, v, self.cursors.get(v)))
-                   for v in order.streams_of(rank, worker)}
-        for step in itertools.count(self.start_step):
-            mine = order.produced_by(step, rank, worker)
-            for m in mine:
-                batch, cursor = next(streams[order.stream(m)])
-                batch["micro_batch"] = m
-                yield m, batch, cursor
-            for _ in range(order.slots(step, rank) - len(mine)):
-                yield -1, None, None
+        try:
+            streams = {v: iter(Stream(self.spec, self.tok, v, self.cursors.get(v)))
+                       for v in order.streams_of(rank, worker)}
+            for step in itertools.count(self.start_step):
+                mine = order.produced_by(step, rank, worker)
+                for m in mine:
+                    batch, cursor = next(streams[order.stream(m)])
+                    batch["micro_batch"] = m
+                    yield m, batch, cursor
+                for _ in range(order.slots(step, rank) - len(mine)):
+                    yield -1, None, None
+        except RunError as e:
+            if info is None:
+                raise
+            # Handed to the main process as an item: DataLoader would re-raise it wrapped in
+            # a worker traceback, and the run reports it in one message.
+            yield -1, _Failed(e), None
+
+
+class _Failed:
+    """A fatal error raised in a loader worker, passed to the main process as is."""
+
+    def __init__(self, error: RunError):
+        self.error = error
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
     """torchrun and SLURM signal the whole process group on preemption (SIGTERM), and so
     does the terminal on Ctrl-C (SIGINT); a worker that died of it would make the trainer
     fail before it can save its checkpoint. The trainer owns shutdown: workers ignore both
-    and end with their parent."""
+    and end with their parent (or when `TrainLoader` stops them). The signal wakeup fd,
+    inherited through fork, is the trainer's (training/failfast.py): the worker's own
+    signals must not reach it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+
+
+def _stop_workers(it) -> None:
+    """Shut a DataLoader iterator's workers down now: they ignore SIGTERM, so the
+    iterator's own terminate() leaves a busy one running, and interpreter exit would wait
+    on it forever."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(it, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def workers_for_this_machine(requested: int) -> int:
@@ -160,18 +192,24 @@ class TrainLoader:
                                     collate_fn=_identity, prefetch_factor=spec.prefetch_factor,
                                     worker_init_fn=_ignore_stop_signals,
                                     generator=torch.Generator()))
-        while True:
-            produced, cursors = {}, {}
-            for _ in range(order.slots(self._step, spec.dp_rank) * order.workers):
-                m, batch, cursor = next(items)
-                if batch is not None:
-                    produced[m] = batch
-                    cursors[order.stream(m)] = cursor
-            mine = self._distribute(self._step, produced)
-            self._cursors.update(cursors)
-            self._step += 1
-            for batch in mine:
-                yield batch
+        try:
+            while True:
+                produced, cursors = {}, {}
+                for _ in range(order.slots(self._step, spec.dp_rank) * order.workers):
+                    m, batch, cursor = next(items)
+                    if isinstance(batch, _Failed):
+                        raise batch.error
+                    if batch is not None:
+                        produced[m] = batch
+                        cursors[order.stream(m)] = cursor
+                mine = self._distribute(self._step, produced)
+                self._cursors.update(cursors)
+                self._step += 1
+                for batch in mine:
+                    yield batch
+        finally:  # an error, or the consumer closed this generator
+            if spec.num_workers:
+                _stop_workers(items)
 
     def _distribute(self, step: int, produced: dict[int, dict]) -> list[dict]:
         """This rank's micro-batches of `step`, ascending: balance.py decides who trains

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenvl_train.checks import RunError
+
 TASKS: tuple[str, ...] = (
     "caption", "vqa", "grounding", "ref_grounding", "grounded_caption", "ocr", "text", "chat",
 )
@@ -26,6 +28,11 @@ REASONS: tuple[str, ...] = (
 # Boxes may overshoot the border by this many pixels (rounding in converters); they are
 # clamped when rendered.
 BOX_TOLERANCE_PX = 1.0
+
+
+class DataError(RunError):
+    """Fatal data problem (too many bad samples in a row, no usable sample, an incompatible
+    resume state): it ends the run."""
 
 
 class SampleError(ValueError):

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .reader import Entry, ShardFile, ShardIndex, index_tar
+from .schema import DataError
 
 
 def crc(s: str) -> int:
@@ -140,7 +141,7 @@ class SourceOrder:
         p["empty"] = p["empty"] + 1 if p["valid"] == 0 else 0
         limit = 1 if self.mode == "sample" else 16
         if p["empty"] >= limit:
-            raise RuntimeError(
+            raise DataError(
                 f"data source {self.name!r}: virtual stream {self.g} of {self.n_streams} found "
                 f"no usable sample in {p['empty']} epoch(s) over {len(self.shards)} shard(s) "
                 f"({self.mode} mode). Too few samples for data.virtual_streams="

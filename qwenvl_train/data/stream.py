@@ -23,7 +23,7 @@ from .images import decode_images
 from .packing import Packer, collate
 from .reader import Entry, ShardFile
 from .records import read_record
-from .schema import SampleError
+from .schema import DataError, SampleError
 from .sources import Blender, IndexCache, SourceOrder
 from .templates import ACCEPTS
 from .tokenizer import QwenVLTokenizer
@@ -31,10 +31,6 @@ from .tokenizer import QwenVLTokenizer
 log = logging.getLogger("qwenvl_train.data")
 
 Rows = list[list[EncodedSample]]  # one micro-batch: rows of (packed) samples
-
-
-class DataError(RuntimeError):
-    """Fatal data problem (too many bad samples in a row, incompatible resume state)."""
 
 
 @dataclass
@@ -207,8 +203,16 @@ class Stream:
             raise DataError(
                 f"{self.bad_run} bad samples in a row (data.max_consecutive_bad="
                 f"{self.spec.max_consecutive_bad}); last: {reason} in shard {shard} key "
-                f"{key}: {msg}. Skipped so far: {sk}. The shards look broken; check them "
-                "with `qwenvl-data inspect`.")
+                f"{key}: {msg}. Skipped so far: {sk}. {self._advice(reason)}")
+
+    def _advice(self, reason: str) -> str:
+        if reason == "too_long":
+            return (f"stage.seq_len={self.spec.seq_len} is too short for these samples (one "
+                    f"image alone takes {self.spec.num_image_tokens + 2} tokens): raise it.")
+        if reason == "image_too_large":
+            return (f"Their images exceed data.max_image_pixels={self.spec.max_image_pixels}:"
+                    " raise it, or check the shards with `qwenvl-data inspect`.")
+        return "The shards look broken; check them with `qwenvl-data inspect`."
 
     def _bad_tar(self, shard: str, msg: str) -> None:
         self._skip("bad_tar", shard, "-", msg)

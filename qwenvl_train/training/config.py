@@ -109,11 +109,18 @@ class StageConfig:
         return self.global_batch_size // per_step
 
 
+ON_DAMAGED = ("fallback", "stop")
+
+
 @dataclass
 class CheckpointConfig:
     every_steps: int = 100
     keep_last: int = 2
+    # A resume whose newest checkpoint fails verification: fallback to the newest intact
+    # older one (with a warning), or stop with the message.
+    on_damaged: str = "fallback"
 
     def validate(self, prefix: str) -> None:
         positive(f"{prefix}.every_steps", self.every_steps)
         positive(f"{prefix}.keep_last", self.keep_last)
+        choice(f"{prefix}.on_damaged", self.on_damaged, ON_DAMAGED)

@@ -130,13 +130,15 @@ _CONFIG_KEYS = {
 }
 
 
-def check_resume(cfg: TrainConfig, world_size: int) -> None:
+def check_resume(cfg: TrainConfig, world_size: int, tag: str | None = None) -> None:
     """Refuse, before any process group starts, a resume that the data order cannot
     honour: one that changes what the global order depends on (virtual streams, global and
     micro batch, sequence length, sources, ...) or a layout whose model/optimizer files
     DeepSpeed cannot reload. Raises ConfigError naming the key and the numbers. (That the
     virtual streams cover this launch's readers is `global_order.check_cover`'s, torch-free;
-    `config.validate_launch` runs both.)"""
+    `config.validate_launch` runs both.) The checkpoint is `tag`, by default the one a resume
+    will pick (`checkpoint.resume_candidate`: a damaged newest is skipped as the
+    checkpoint.on_damaged=fallback resume skips it)."""
     from qwenvl_train.data.loader import loader_spec
     from qwenvl_train.training.parallel.topology import validate_parallel
 
@@ -144,7 +146,8 @@ def check_resume(cfg: TrainConfig, world_size: int) -> None:
     if cfg.resume != "auto":
         return
     try:
-        tag = ckpt.latest_tag(cfg.run_dir)
+        if tag is None:
+            tag = ckpt.resume_candidate(cfg.run_dir, cfg.checkpoint.on_damaged)
         saved = ckpt.load_data_state(cfg.run_dir, tag) if tag else {}
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"resume: {e}") from None

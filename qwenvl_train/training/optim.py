@@ -125,3 +125,18 @@ def lr_by_module_group(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         module_group = str(g.get("name", "all")).split("/")[0]
         out[module_group] = max(out.get(module_group, 0.0), float(g["lr"]))
     return out
+
+
+def boundary_grad_norm(engine, par) -> torch.Tensor | None:
+    """The global gradient norm before clipping, at the step boundary (after the last
+    backward, before `engine.step()`), where DeepSpeed does not record one: ZeRO-0 in fp32
+    clips through torch and drops the norm. There the gradients are already averaged over
+    the data-parallel ranks, so this rank's norm is the global one. None on the other
+    layouts (the engine's `get_global_grad_norm()` has it) and with tensor or pipeline
+    parallelism (the shards' norms would need combining)."""
+    if (engine.zero_optimization_stage() or engine.bfloat16_enabled()
+            or engine.fp16_enabled() or par.sizes.tp > 1 or par.sizes.pp > 1):
+        return None
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+             for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None

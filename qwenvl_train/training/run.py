@@ -1,7 +1,9 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
 `run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
-`config.validate_launch`: the layout, the batch arithmetic and the data on disk).
+`config.validate_launch`: the layout, the batch arithmetic and the data on disk) and the
+launch checks of `training/preflight.py` (run_dir, init_from, a rerun's compatibility,
+memory), with the run lock held (`training/run_lock.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from qwenvl_train.model.source_config import (
 )
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training import failfast
 from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
 from qwenvl_train.training.optim import (
     Schedule,
@@ -157,6 +160,19 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
     return paths
 
 
+def _check_data_resume(cfg: TrainConfig, tag: str, world_size: int) -> None:
+    """The launch check of what a resume may change (training/elastic.py) read the checkpoint
+    `ckpt.resume_candidate` chose by sizes; `select_resume` verified the checksums too and
+    may have fallen back further. Check the checkpoint it picked (data_state.json: cheap)."""
+    from qwenvl_train.checks import ConfigError
+    from qwenvl_train.training.elastic import check_resume
+
+    try:
+        check_resume(cfg, world_size, tag)
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"cannot resume from {tag}: {e}") from None
+
+
 def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
     """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
@@ -168,7 +184,13 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
         callbacks = load_callbacks(cfg.callbacks)
     callbacks = [*callbacks, *builtin_callbacks(cfg)]  # evaluation during training (eval.*)
     dist_info = init_distributed()
+    failfast.start(dist_info.rank, cfg.stop_grace_s)
     run_dir = Path(cfg.run_dir)
+    # Verified before anything is built: a damaged checkpoint stops (or falls back) now.
+    tag = (ckpt.select_resume(run_dir, cfg.checkpoint.on_damaged, dist_info.rank)
+           if cfg.resume == "auto" else None)
+    if tag is not None:
+        _check_data_resume(cfg, tag, dist_info.world_size)
     resolved_config = cfg.to_dict()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +221,6 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             cost=micro_batch_cost(cfg),
         )
     state, meter_state = TrainState(), {}
-    tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
@@ -216,18 +237,22 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     meter.load_state_dict(meter_state)
     trainer = Trainer(cfg, dist_info, engine, par, loader, data, tracker, meter, accum,
                       dummy_batch(cfg), state, callbacks)
+    failed = True
     try:
         last = trainer.fit()
         exported = {}
         if cfg.export_at_end and state.step >= cfg.stage.steps:
             exported = export(cfg, par, dist_info)
+        failed = False
     finally:
-        tracker.close()
+        tracker.close(exit_code=int(failed))
         if source is not None:
             # Stop the data workers now (they ignore SIGTERM and SIGINT, so an exit-time
             # terminate would wait on them).
             source.close()
         trainer.preempt.close()
+        if not failed:
+            failfast.stop()
     summary = {"step": state.step, **{k: v for k, v in last.items()
                                       if isinstance(v, (int, float, bool))},
                "exports": {k: str(v) for k, v in exported.items()},
@@ -240,11 +265,4 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             log.warning("WARNING (run summary): %s", frozen_random_warning(random_frozen))
     trainer.callbacks.on_run_end(trainer, summary)
     return summary
-
-
-def _agreed(value):
-    """Rank 0's value on every rank (e.g. the resume tag on node-local disks)."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 

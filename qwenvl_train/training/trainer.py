@@ -24,14 +24,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from qwenvl_train.checks import RunError
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
 from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training import failfast
 from qwenvl_train.training.callbacks import CallbackList, TrainerCallback
 from qwenvl_train.training.losses import task_loss_sums
-from qwenvl_train.training.optim import lr_by_module_group, skipped_update
+from qwenvl_train.training.optim import boundary_grad_norm, lr_by_module_group, skipped_update
 from qwenvl_train.training.parallel.engine import DistInfo
 
 log = logging.getLogger("qwenvl_train")
@@ -40,7 +42,7 @@ _DATA_COUNTERS = ("filtered", "samples", "images", "tokens", "slots", "rows", "b
 _MODEL_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids", "images")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     pass
 
 
@@ -65,6 +67,7 @@ class StepResult:
     task_sums: torch.Tensor  # [len(TASKS), 2]: token loss sum and tokens, all replicas
     counts: dict[str, int]  # this replica's samples, images, tokens, ... (throughput, MFU)
     time: float  # wall seconds
+    grad_norm: torch.Tensor | None = None  # where the engine does not record it (ZeRO-0 fp32)
 
 
 class PreemptionFlag:
@@ -79,6 +82,7 @@ class PreemptionFlag:
         self.signum: int | None = None  # the first stop signal this process received
         self.announce = announce
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        failfast.watch_signals()  # a rank blocked in a collective still ends (failfast.py)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if signum == signal.SIGINT and self.requested:
@@ -207,6 +211,7 @@ class Trainer:
             if micro < self.accum - 1:
                 self.engine.step()  # DeepSpeed counts the micro-step; the update waits
         lrs = lr_by_module_group(self.engine.optimizer)  # what this update uses
+        grad_norm = boundary_grad_norm(self.engine, self.par)  # before clipping
         # The boundary: DeepSpeed clips, updates, zeroes the gradients and steps the
         # schedule. After a non-finite loss it runs all that except the update itself.
         with nullcontext() if finite else skipped_update(self.engine.basic_optimizer):
@@ -221,7 +226,7 @@ class Trainer:
             loss=_mean_over_ranks(torch.stack(losses).mean(), group).item(), applied=applied,
             lr=lrs if applied else dict.fromkeys(lrs, 0.0),
             task_sums=_sum_over_ranks(task_sums, group), counts=_counts(batches),
-            time=time.perf_counter() - t0)
+            time=time.perf_counter() - t0, grad_norm=grad_norm)
 
     def _pipeline_step(self, data) -> StepResult:
         """Pipeline layouts: DeepSpeed's train_batch runs the micro-batch schedule; a
@@ -257,6 +262,7 @@ class Trainer:
             last = self._log(result)
             self.callbacks.on_step_end(self, state.step, last)
             stop = _any_rank(self.preempt.requested, self.dist.device)
+            failfast.progress()
             at_end = state.step == cfg.stage.steps
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
                 self.save()
@@ -276,10 +282,12 @@ class Trainer:
         data_state = self.loader.state_dict() if self.loader is not None else None
         self.state.meter = self.meter.state_dict()
         step = self.state.step
-        ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
-                  self.dist.rank, self.cfg.checkpoint.keep_last,
-                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path),
-                  data_state=data_state)
+        with failfast.busy():
+            ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
+                      self.dist.rank, self.cfg.checkpoint.keep_last,
+                      on_written=lambda path: self.callbacks.on_checkpoint_written(self, step,
+                                                                                   path),
+                      data_state=data_state)
 
     def _global_data_stats(self) -> dict[str, float]:
         """Loader counters summed over all readers (ranks without a loader add zeros)."""
@@ -303,7 +311,9 @@ class Trainer:
                 metrics[f"loss/{task}"] = float(sums[t, 0] / sums[t, 1])
         for group, lr in result.lr.items():
             metrics[f"lr/{group}"] = lr
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = result.grad_norm
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(self.meter.update(result.counts, result.time))
