@@ -21,11 +21,15 @@ from qwenvl_train.config import CONFIG_DIR, ConfigError, TrainConfig, to_schema
 
 def validate_launch(cfg: TrainConfig) -> None:
     """Checks that need the world size, still before distributed init."""
-    from qwenvl_train.training.parallel.engine import grad_accumulation_steps
+    from qwenvl_train.training.parallel.engine import (
+        check_device_support,
+        grad_accumulation_steps,
+    )
     from qwenvl_train.training.parallel.topology import validate_parallel
 
     sizes = validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)))
     grad_accumulation_steps(cfg, sizes.dp)
+    check_device_support(cfg)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")

@@ -15,7 +15,44 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qwenvl_train.data.images import CLIP_MEAN, CLIP_STD
 from qwenvl_train.model.config import VisionConfig
+
+# x_norm = x_uint8 * scale + shift per channel, the math of data/images.py:normalize_into.
+_CLIP_AFFINE = torch.tensor([[1.0 / (255.0 * s) for s in CLIP_STD],
+                             [-m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)]])
+_affine_on: dict[torch.device, torch.Tensor] = {}
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A batch's images, already on the device -> the ViT's input in `dtype`.
+
+    uint8 [N, 3, S, S] are CLIP-normalised in fp32 (the data path's exact math) and then
+    cast; float images (normalised by the data path) are only cast. The per-channel
+    constants are copied to each device once, so a step makes no host transfer for them."""
+    if images.dtype == torch.uint8:
+        affine = _affine_on.get(images.device)
+        if affine is None:
+            affine = _affine_on[images.device] = _CLIP_AFFINE.to(images.device)
+        scale, shift = affine[0].view(3, 1, 1), affine[1].view(3, 1, 1)
+        images = images.float().mul_(scale).add_(shift)
+    return images.to(dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose statistics are fp32 for bf16/fp16 inputs on every device.
+
+    CUDA's kernel already computes and keeps mean/rstd in fp32 for low-precision inputs;
+    the CPU kernel returns (and saves for backward) them in the input's dtype, so on CPU
+    a low-precision input is normalised in fp32 and the result cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) or x.is_cuda:
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias,
+                            self.eps).to(x.dtype)
 
 
 def resize_pos_table(table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -32,7 +69,8 @@ def resize_pos_table(table: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 class ViTAttention(nn.Module):
-    """Self-attention with a fused in_proj whose rows are grouped per head."""
+    """Self-attention with a fused in_proj whose rows are grouped per head. All images of a
+    batch have one size, so no mask: SDPA picks its fused (flash) kernel."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -47,11 +85,13 @@ class ViTAttention(nn.Module):
 
 
 class ViTBlock(nn.Module):
+    gradient_checkpointing = False  # recompute this block in backward (model/speed.py)
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_1 = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.attn = ViTAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_2 = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(cfg.width, cfg.mlp_dim))
         self.mlp.add_module("gelu", nn.GELU())  # exact (erf) GELU, as released
@@ -65,13 +105,12 @@ class ViTBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """Images [N, 3, S, S] -> patch features [N, (S/p)^2, width], row-major patch order."""
 
-    def __init__(self, cfg: VisionConfig, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.gradient_checkpointing = gradient_checkpointing
         self.conv1 = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.pos_grid**2, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_pre = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.layers))
         self.reset_parameters()
 
@@ -89,7 +128,7 @@ class VisionTransformer(nn.Module):
         x = x + resize_pos_table(self.positional_embedding, x.shape[1]).to(x.dtype)
         x = self.ln_pre(x)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if block.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -32,6 +32,7 @@ from qwenvl_train.training.parallel.engine import (
     deepspeed_config,
     grad_accumulation_steps,
     init_distributed,
+    uses_bf16,
 )
 from qwenvl_train.training.trainer import Trainer, TrainState
 
@@ -84,8 +85,9 @@ def build_qwenvl(cfg: TrainConfig):
 
 
 def _zero3_init_config(cfg: TrainConfig) -> dict:
+    # The dtype zero.Init creates the weights in must be the engine's.
     return {"train_micro_batch_size_per_gpu": cfg.stage.micro_batch_size,
-            "zero_optimization": {"stage": 3}}
+            "zero_optimization": {"stage": 3}, "bf16": {"enabled": uses_bf16(cfg)}}
 
 
 def freeze(cfg: TrainConfig, model) -> None:
@@ -165,7 +167,7 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
                        else {})  # measured before DeepSpeed flattens the groups
     optim = cfg.stage.optim
     optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
-                                eps=optim.eps)
+                                eps=optim.eps, fused=cfg.parallel.fused_adamw)
     schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
                         optim.schedule)
     scheduler = build_scheduler(optimizer, schedule)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.schema import REASONS, TASKS
+from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training import faults
@@ -60,7 +61,7 @@ class PreemptionFlag:
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in _MODEL_INPUTS}
-    out["images"] = out["images"].to(dtype)
+    out["images"] = normalize_images(out["images"], dtype)  # uint8 or float -> dtype
     return out
 
 
@@ -69,12 +70,6 @@ def _any_rank(flag: torch.Tensor | bool, device: torch.device | None = None) -> 
     t = torch.as_tensor(flag, device=device).float().reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def _mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
-    values = values.detach().clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values / dist.get_world_size(group)
 
 
 class Trainer:
@@ -153,10 +148,9 @@ class Trainer:
         counts = _counts(batches)
         # DeepSpeed may also skip an update itself (overflowing gradients).
         self._count_step(finite_all and self.engine.was_step_applied())
-        group = self.par.dp_group
-        loss = _mean_over_ranks(torch.stack(losses).mean(), group).item()
-        return {"loss": loss, "finite": finite_all, "lr": lrs,
-                "task_sums": _sum_over_ranks(task_sums, group), "counts": counts,
+        totals = self._step_totals(torch.stack(losses).mean(), task_sums,
+                                   self.engine.get_global_grad_norm(), per_replica=True)
+        return {**totals, "finite": finite_all, "lr": lrs, "counts": counts,
                 "time": time.perf_counter() - t0}
 
     def _pipeline_step(self, data) -> dict:
@@ -175,9 +169,44 @@ class Trainer:
                 # schedule on `state.step` as the other layouts do.
                 self.engine.lr_scheduler.step()
         self._count_step(not out["skipped"] and out["finite"])
-        return {"loss": out["loss"], "finite": not out["skipped"], "lr": lrs,
-                "task_sums": out["task_sums"], "counts": counts,
+        totals = self._step_totals(out["loss"], out["task_sums"], out["grad_norm"],
+                                   per_replica=False)
+        return {**totals, "finite": not out["skipped"], "lr": lrs, "counts": counts,
                 "time": time.perf_counter() - t0}
+
+    def _step_totals(self, loss, task_sums: torch.Tensor, grad_norm, *,
+                     per_replica: bool) -> dict:
+        """Everything the step reports that involves other ranks, in ONE all-reduce and ONE
+        device-to-host copy: the loss (mean over data-parallel replicas), per-task loss sums,
+        the data counters of every reader, the grad norm, and whether any rank got SIGTERM.
+
+        `per_replica`: loss / task sums are this replica's; one rank per replica (tensor
+        rank 0) contributes them. Otherwise they are global already (the pipeline step) and
+        rank 0 contributes them. The grad norm is the same everywhere; rank 0 contributes."""
+        device, tasks = self.dist.device, len(TASKS)
+        contributes = (self.par.grid.get_slice_parallel_rank() == 0 if per_replica
+                       else self.dist.rank == 0)
+        stats = self.loader.stats() if self.loader is not None else {}
+        host = [float(stats.get(k, 0)) for k in _DATA_STAT_KEYS]
+        host.append(float(self.preempt.requested))
+        norm = float("nan") if grad_norm is None else grad_norm
+        own = [torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1),
+               task_sums.to(device, torch.float64).reshape(-1),
+               torch.as_tensor(norm, dtype=torch.float64, device=device).reshape(1)]
+        mine = torch.tensor([contributes] * (1 + 2 * tasks) + [self.dist.rank == 0])
+        own = torch.cat(own)
+        own = torch.where(mine.to(device), own, torch.zeros_like(own))  # NaN * 0 is NaN
+        values = torch.cat([own, torch.tensor(host, dtype=torch.float64).to(device)])
+        dist.all_reduce(values)
+        values = values.tolist()  # the step's one host sync for metrics
+        loss_sum, sums = values[0], values[1:1 + 2 * tasks]
+        norm, data = values[1 + 2 * tasks], values[2 + 2 * tasks:]
+        dp = self.par.sizes.dp if per_replica else 1
+        return {"loss": loss_sum / dp,
+                "task_sums": [sums[2 * t: 2 * t + 2] for t in range(tasks)],
+                "grad_norm": None if grad_norm is None else norm,
+                "data": _data_stats(dict(zip(_DATA_STAT_KEYS, data[:-1], strict=True))),
+                "stop": data[-1] > 0}
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -191,7 +220,7 @@ class Trainer:
             state.step += 1
             last = self._log(result)
             faults.kill_if_armed(f"kill_after_step:{state.step}")
-            stop = _any_rank(self.preempt.requested, self.dist.device)
+            stop = result["stop"]  # SIGTERM on any rank, agreed in the step's reduction
             at_end = state.step == cfg.stage.steps
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
                 self.save()
@@ -207,33 +236,19 @@ class Trainer:
         ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
                   self.dist.rank, self.cfg.checkpoint.keep_last)
 
-    def _global_data_stats(self) -> dict[str, float]:
-        """Loader counters summed over all readers (ranks without a loader add zeros)."""
-        stats = self.loader.stats() if self.loader is not None else {}
-        keys = [*_DATA_COUNTERS, *(f"skipped_{r}" for r in REASONS)]
-        values = torch.tensor([float(stats.get(k, 0)) for k in keys], dtype=torch.float64,
-                              device=self.dist.device)
-        dist.all_reduce(values)
-        out = {f"data/{k}": float(v) for k, v in zip(keys, values.tolist(), strict=True)}
-        out["data/skipped_total"] = sum(out[f"data/skipped_{r}"] for r in REASONS)
-        slots = out["data/slots"]
-        out["data/packing_efficiency"] = out["data/tokens"] / slots if slots else 0.0
-        return out
-
     def _log(self, result: dict) -> dict:
         step = self.state.step
         sums = result["task_sums"]
         metrics = {"loss": result["loss"], "skipped_steps": self.state.skipped_steps}
         for t, task in enumerate(TASKS):
-            if sums[t, 1] > 0:
-                metrics[f"loss/{task}"] = float(sums[t, 0] / sums[t, 1])
+            if sums[t][1] > 0:
+                metrics[f"loss/{task}"] = sums[t][0] / sums[t][1]
         for group, lr in result["lr"].items():
             metrics[f"lr/{group}"] = lr
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        if result["grad_norm"] is not None:
+            metrics["grad_norm"] = result["grad_norm"]
         metrics.update(self.meter.update(result["counts"], result["time"]))
-        metrics.update(self._global_data_stats())
+        metrics.update(result["data"])
         if self.dist.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -242,10 +257,16 @@ class Trainer:
         return metrics
 
 
-def _sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+_DATA_STAT_KEYS = (*_DATA_COUNTERS, *(f"skipped_{r}" for r in REASONS))
+
+
+def _data_stats(totals: dict[str, float]) -> dict[str, float]:
+    """Loader counters summed over all readers -> the logged data metrics."""
+    out = {f"data/{k}": v for k, v in totals.items()}
+    out["data/skipped_total"] = sum(out[f"data/skipped_{r}"] for r in REASONS)
+    slots = out["data/slots"]
+    out["data/packing_efficiency"] = out["data/tokens"] / slots if slots else 0.0
+    return out
 
 
 def _counts(batches: list[dict]) -> dict[str, int]:
