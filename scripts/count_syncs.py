@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-import tempfile
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,19 +76,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     args, overrides = parser.parse_known_args()
-    from qwenvl_train.config import load_config
+    from bench_common import demo_config
+
     from qwenvl_train.training import run as run_mod
     from qwenvl_train.training.trainer import Trainer
 
-    tmp = Path(tempfile.mkdtemp(prefix="count_syncs_"))
-    if not any(o.startswith("data.root=") for o in overrides):
-        from data_recipes.demo import build_demo
-
-        build_demo(tmp / "data", small=True)
-    cfg = load_config(["stage=sft", "model=tiny", "data=demo", "scale=demo", "tracking=none",
-                       f"data.root={tmp / 'data'}", f"run_dir={tmp / 'run'}",
-                       f"stage.steps={args.steps}", "stage.optim.warmup_steps=1",
-                       "checkpoint.every_steps=1000", "export_at_end=false", *overrides])
+    cfg = demo_config(["stage=sft", f"stage.steps={args.steps}", "stage.optim.warmup_steps=1",
+                       "checkpoint.every_steps=1000", "export_at_end=false"], overrides,
+                      "count_syncs_")
     recorder = Recorder()
     marks: list[int] = []
 

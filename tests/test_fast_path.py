@@ -286,3 +286,79 @@ def test_normalize_images_on_device_matches_the_data_path():
     assert torch.equal(vision_mod.normalize_images(x, torch.float32), want)
     assert torch.equal(vision_mod.normalize_images(x, torch.bfloat16), want.bfloat16())
     assert torch.equal(vision_mod.normalize_images(want, torch.float32), want)  # float: cast only
+
+
+# ---- the DeepSpeed config ---------------------------------------------------------------
+def test_deepspeed_config_bf16_on_cpu_accumulation_dtype_and_overlap():
+    from qwenvl_train.config import load_config
+    from qwenvl_train.training.parallel.engine import deepspeed_config
+
+    cfg = load_config(["parallel=zero2", "scale=demo", "stage.precision=bf16"])
+    ds = deepspeed_config(cfg, dp_size=2)
+    assert ds["bf16"] == {"enabled": True} and not ds["fp16"]["enabled"]  # CPU included
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["zero_optimization"]["overlap_comm"] is True
+    cfg = load_config(["parallel=zero3", "parallel.grad_accum_dtype=bf16",
+                       "stage.precision=bf16"])
+    ds = deepspeed_config(cfg, dp_size=1)
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert "overlap_comm" not in ds["zero_optimization"]  # ZeRO-3 keeps DeepSpeed's default
+    ds = deepspeed_config(load_config(["scale=demo"]), dp_size=1)  # the CPU demo: fp32
+    assert ds["bf16"] == {"enabled": False} and "data_types" not in ds
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["parallel.zero_stage=0", "parallel.grad_accum_dtype=fp32", "stage.precision=bf16"],
+     "parallel.grad_accum_dtype"),
+    (["stage.precision=fp16"], "stage.precision"),
+    (["model.attn_implementation=flex"], "model.attn_implementation"),
+])
+def test_unsupported_precision_or_kernel_is_refused_naming_the_key(overrides, key):
+    from qwenvl_train.config import ConfigError, load_config
+    from qwenvl_train.training.parallel.engine import check_device_support
+
+    if torch.cuda.is_available() and key != "parallel.grad_accum_dtype":
+        pytest.skip("allowed on a GPU")
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        check_device_support(cfg)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("parallel.grad_accum_dtype=fp16", "parallel.grad_accum_dtype"),
+    ("+parallel.deepspeed.data_types={grad_accum_dtype:bf16}",
+     "parallel.deepspeed.data_types.grad_accum_dtype"),
+    ("model.chunked_loss=maybe", "model.chunked_loss"),
+    ("model.gradient_checkpointing.llm_every=0", "model.gradient_checkpointing.llm_every"),
+])
+def test_new_keys_are_validated(override, key):
+    from qwenvl_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config([override])
+
+
+def test_fused_adamw_trains_like_the_multi_tensor_one():
+    """parallel.fused_adamw: the same AdamW update (weight decay, per-group LR) in one
+    kernel; losses agree to rounding over a few steps."""
+    from qwenvl_train.training.optim import build_optimizer, build_param_groups
+
+    batch = _packed_batch(lengths=((40, 1), (30, 0)), row_len=80, rows=1)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(), 224).train()
+        groups, _ = build_param_groups(model, weight_decay=0.05, group_lr_scale={"llm": 0.5},
+                                       vit_layer_decay=0.9, num_vit_layers=2)
+        opt = build_optimizer(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+        assert opt.defaults["fused"] is (True if fused else None)
+        losses = []
+        for _ in range(4):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        runs.append(torch.stack(losses))
+    assert runs[0][-1] < runs[0][0]
+    assert _diff("fused vs multi-tensor AdamW losses", runs[1], runs[0]) < 1e-5

@@ -3,8 +3,9 @@
 Usage: parallel_train.py LAYOUT [LAYOUT ...]; LAYOUT is pp{P}, tp{T}, pp{P}xtp{T},
 optionally suffixed `:frozen` (stage 1: LLM frozen), `:export` (save a DeepSpeed
 checkpoint, reload it into a fresh engine, export consolidated weights before and after),
-`:bf16`, `:nan` (a NaN image at step 1), `:gc` (activation checkpointing in ViT and LLM)
-or `:z{N}` (ZeRO stage N instead of 1).
+`:bf16`, `:nan` (a NaN image at step 1), `:gc` (activation checkpointing in ViT and LLM),
+`:z{N}` (ZeRO stage N instead of 1), `:overlap` (ZeRO-2 with overlap_comm) or
+`:allreduce` (ZeRO-0 with DeepSpeed's post-backward all-reduce, which one replica skips).
 The data-parallel size is what the world leaves. Rank 0 writes per-layout losses and grad
 norms to $QWENVL_RESULTS_DIR/rank0.json.
 """
@@ -34,11 +35,12 @@ OUT = Path(os.environ.get("QWENVL_RESULTS_DIR", "."))
 EXPORT = Path(os.environ.get("QWENVL_EXPORT_DIR", str(OUT)))
 
 
-def ds_config(dp: int, bf16: bool = False, zero: int = 1) -> dict:
+def ds_config(dp: int, bf16: bool = False, zero: int = 1, overlap: bool = False) -> dict:
     return {"bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": pc.MICRO_BATCH,
             "gradient_accumulation_steps": pc.ACCUM,
             "train_batch_size": pc.MICRO_BATCH * pc.ACCUM * dp,
-            "gradient_clipping": pc.CLIP, "zero_optimization": {"stage": zero},
+            "gradient_clipping": pc.CLIP,
+            "zero_optimization": {"stage": zero, "overlap_comm": overlap},
             "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
 
 
@@ -54,7 +56,8 @@ def loader(grid, dp: int, nan_step: int | None = None):
 
 
 def build(pp: int, tp: int, trainable, seed: int = pc.SEED, parts=None, bf16=False,
-          engine: bool = True, zero: int = 1, checkpointing: bool = False):
+          engine: bool = True, zero: int = 1, checkpointing: bool = False,
+          overlap: bool = False):
     """What the trainer does: model -> freeze -> parallelize -> groups -> engine."""
     cfg = SimpleNamespace(
         parallel=ParallelConfig(pp=pp, tp=tp, zero_stage=zero), model=pc.tiny_config(),
@@ -65,7 +68,7 @@ def build(pp: int, tp: int, trainable, seed: int = pc.SEED, parts=None, bf16=Fal
         return par, None
     opt = build_optimizer(par.param_groups(pc.param_groups), lr=pc.LR, betas=(0.9, 0.98),
                           eps=1e-6)
-    return par, par.initialize(opt, None, ds_config(par.sizes.dp, bf16, zero))
+    return par, par.initialize(opt, None, ds_config(par.sizes.dp, bf16, zero, overlap))
 
 
 def train(par, engine, nan_step=None) -> tuple[list[float], list[float], list]:
@@ -106,12 +109,17 @@ def main() -> None:
         # The balanced split of the tiny model puts only the (vocab-sized) head on the last
         # stage; `parts` moves decoder layers across the boundary too, except for `pp2xdp2`.
         parts = None if name == "pp2xdp2" or pp == 1 else [0, 2, 5]
-        zero = int(option[1:]) if option.startswith("z") else 1
+        zero = {"overlap": 2, "allreduce": 0}.get(option, 1)
+        zero = int(option[1:]) if option.startswith("z") else zero
         par, engine = build(pp, tp, trainable, parts=parts, bf16=option == "bf16", zero=zero,
-                            checkpointing=option == "gc")
+                            checkpointing=option == "gc", overlap=option == "overlap")
+        skips_allreduce = not engine.enable_backward_allreduce
+        if option == "allreduce":
+            engine.enable_backward_allreduce = True  # what DeepSpeed does by default
         losses, norms, task_sums = train(par, engine, 1 if option == "nan" else None)
         results[spec] = {"losses": losses, "grad_norms": norms, "dp": par.sizes.dp,
-                         "task_sums": task_sums, "parts": par.split and par.split.parts}
+                         "task_sums": task_sums, "parts": par.split and par.split.parts,
+                         "skips_allreduce": skips_allreduce}
         if option == "export":
             # Export, save a DeepSpeed checkpoint, reload it into a fresh engine (other
             # init), export again: both exports must be identical.
