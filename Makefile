@@ -5,8 +5,13 @@ VENV ?= .venv
 # GPU users pick their CUDA build, e.g. `make demo TORCH_SPEC="torch==2.5.1"`.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# Written from the torch installed first; every later install takes it (`pip install -c`), so
+# a package that depends on torch cannot replace the chosen build (README: Set-up).
+CONSTRAINTS := $(VENV)/constraints.txt
 DEMO_DIR ?= runs/demo
-DEMO := model=tiny data=demo scale=demo
+DEMO_DATA ?= demo_data
+DEMO := model=tiny data=demo scale=demo data.root=$(DEMO_DATA)
+DEMO_CHAT ?= $(DEMO_DIR)/chat
 
 .PHONY: install demo test lint clean
 
@@ -14,15 +19,26 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -c "import torch; print(f'torch=={torch.__version__}')" > $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,demo]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+$(DEMO_DATA)/.built: | install
+	$(VENV)/bin/qwenvl-data demo --out $(DEMO_DATA)
+	touch $@
+
+demo: install $(DEMO_DATA)/.built
 	$(VENV)/bin/qwenvl-train stage=pretrain $(DEMO) run_dir=$(DEMO_DIR)/pretrain
 	$(VENV)/bin/qwenvl-train stage=multitask $(DEMO) run_dir=$(DEMO_DIR)/multitask init_from=$(DEMO_DIR)/pretrain
 	$(VENV)/bin/qwenvl-train stage=sft $(DEMO) run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/multitask
+	# Talk to the SFT model: one grounding question about an unseen scene; prints the answer
+	# and, when it holds a box, the image with the box drawn (a tiny model answers poorly).
+	$(PY) scripts/demo_chat_prompts.py --out $(DEMO_CHAT)
+	$(VENV)/bin/qwenvl-chat $(DEMO_DIR)/sft/export --batch $(DEMO_CHAT)/prompts.jsonl \
+		--out $(DEMO_CHAT)/answers.jsonl --box-dir $(DEMO_CHAT)/boxes --max-new-tokens 48
+	# Evaluation of the SFT model on the held-out demo shards goes here (issue 12, item 5).
 
 test: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/ruff check .
@@ -32,4 +48,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs demo_data .pytest_cache
+	rm -rf runs $(DEMO_DATA) .pytest_cache

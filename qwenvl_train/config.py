@@ -1,155 +1,46 @@
-"""The structured schema of the Hydra config, and its validation before anything starts.
+"""The whole training config: composes the component configs, checks the rules that span
+components, and loads Hydra configs onto the schema.
 
-Hydra composes `configs/train.yaml` with one choice per group; `load_config` merges the
-result onto the dataclass schema below (an unknown key or a value of the wrong type fails
-there, naming the key) and then checks the allowed values of every field.
+Each component's dataclass lives beside the code it configures (torch-free):
+  stage, stage.optim, checkpoint  training/config.py   (StageConfig, OptimConfig, CheckpointConfig)
+  model                           model/config.py      (QwenVLConfig)
+  data                            data/config.py       (DataConfig)
+  tracking                        training/observe/config.py (TrackingConfig)
+  parallel                        training/parallel/config.py (ParallelConfig)
+Hydra composes `configs/train.yaml` onto `TrainConfig` (registered as `train_schema`, the
+first entry of its defaults), so a YAML lists only what differs from the defaults, every
+key can be overridden, and an unknown key or a value of the wrong type fails naming it;
+`to_schema` then builds the typed object and runs every `validate`. Nothing here imports
+torch, transformers or deepspeed: rejecting a bad override takes about a second.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
-from qwenvl_train.data.config import TEMPLATES, DataConfig
-from qwenvl_train.model.config import QwenVLConfig
-from qwenvl_train.model.groups import GROUPS
+from qwenvl_train.checks import ConfigError, choice, positive
+from qwenvl_train.data.config import DataConfig
+from qwenvl_train.data.reader import expand_sources
+from qwenvl_train.model.config import ExportConfig, QwenVLConfig
+from qwenvl_train.training.config import CheckpointConfig, StageConfig
+from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.parallel.config import ParallelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PRECISIONS = ("bf16", "fp16", "fp32")
-
-
-def cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    """`a.b.c` lookup on dataclasses, DictConfigs and dicts alike."""
-    node = cfg
-    for key in dotted.split("."):
-        if node is None:
-            return default
-        node = node.get(key, None) if isinstance(node, dict) else getattr(node, key, None)
-    return default if node is None else node
-
-
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message names the key."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    min_lr: float = 1e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    schedule: str = "cosine"
-    warmup_steps: int = 500
-    vit_layer_decay: float = 0.95
-    group_lr_scale: dict[str, float] = field(
-        default_factory=lambda: {"vit": 1.0, "adapter": 1.0, "llm": 1.0}
-    )
-    # Multiplies lr and min_lr together (schedule shape and stage ratios unchanged); for
-    # models much narrower than the recipe's (the CPU demo), which need larger steps.
-    lr_multiplier: float = 1.0
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr * self.lr_multiplier
-
-    @property
-    def floor_lr(self) -> float:
-        return self.min_lr * self.lr_multiplier
-
-    def validate(self, prefix: str) -> None:
-        _positive(f"{prefix}.lr", self.lr)
-        _positive(f"{prefix}.lr_multiplier", self.lr_multiplier)
-        _positive(f"{prefix}.min_lr", self.min_lr, allow_zero=True)
-        if self.min_lr > self.lr:
-            raise ConfigError(f"{prefix}.min_lr: {self.min_lr} exceeds lr {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"{prefix}.betas: need two values in [0, 1), got {self.betas}")
-        _positive(f"{prefix}.eps", self.eps)
-        _positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
-        _positive(f"{prefix}.grad_clip", self.grad_clip, allow_zero=True)
-        _choice(f"{prefix}.schedule", self.schedule, ("cosine", "linear", "constant"))
-        _positive(f"{prefix}.warmup_steps", self.warmup_steps, allow_zero=True)
-        if not 0 < self.vit_layer_decay <= 1:
-            raise ConfigError(f"{prefix}.vit_layer_decay: must be in (0, 1]")
-        for group, scale in self.group_lr_scale.items():
-            _choice(f"{prefix}.group_lr_scale key", group, GROUPS)
-            _positive(f"{prefix}.group_lr_scale.{group}", scale, allow_zero=True)
-
-
-@dataclass
-class StageConfig:
-    name: str = "pretrain"
-    template: str = "pretrain"
-    trainable: list[str] = field(default_factory=lambda: ["vit", "adapter"])
-    image_size: int = 224
-    seq_len: int = 512
-    pack: bool = False
-    global_batch_size: int = 30720
-    micro_batch_size: int = 8
-    steps: int = 50000
-    precision: str = "bf16"
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def validate(self, prefix: str) -> None:
-        _choice(f"{prefix}.template", self.template, TEMPLATES)
-        if not self.trainable:
-            raise ConfigError(f"{prefix}.trainable: at least one of {list(GROUPS)} must train")
-        for group in self.trainable:
-            _choice(f"{prefix}.trainable", group, GROUPS)
-        _positive(f"{prefix}.image_size", self.image_size)
-        _positive(f"{prefix}.seq_len", self.seq_len)
-        _positive(f"{prefix}.global_batch_size", self.global_batch_size)
-        _positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
-        _positive(f"{prefix}.steps", self.steps)
-        _choice(f"{prefix}.precision", self.precision, PRECISIONS)
-        if self.optim.warmup_steps > self.steps:
-            raise ConfigError(
-                f"{prefix}.optim.warmup_steps: {self.optim.warmup_steps} exceeds "
-                f"{prefix}.steps {self.steps}"
-            )
-        self.optim.validate(f"{prefix}.optim")
-
-
-@dataclass
-class TrackingConfig:
-    backend: str = "wandb"
-    mode: str = "offline"
-    project: str = "qwenvl-train"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    peak_tflops: float | None = None  # override the accelerator's peak for MFU
-
-    def validate(self, prefix: str) -> None:
-        _choice(f"{prefix}.backend", self.backend, ("wandb", "none"))
-        _choice(f"{prefix}.mode", self.mode, ("online", "offline", "disabled"))
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 2
-
-    def validate(self, prefix: str) -> None:
-        _positive(f"{prefix}.every_steps", self.every_steps)
-        _positive(f"{prefix}.keep_last", self.keep_last)
 
 
 @dataclass
@@ -160,6 +51,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     run_dir: str = "runs/pretrain"
     seed: int = 1234
     init_from: str | None = None
@@ -168,18 +60,22 @@ class TrainConfig:
     nan_policy: str = "skip"
     max_consecutive_nan: int = 5
     export_at_end: bool = True
+    # Trainer callbacks to install: "pkg.module.Name" or {_target_: ..., kwargs} (callbacks.py)
+    callbacks: list[Any] = field(default_factory=list)
 
     def validate(self) -> None:
         self.stage.validate("stage")
         self.model.validate("model")
         self.data.validate("data")
         self.parallel.validate("parallel", self.model)
+        self.model.lora.validate_for_run(self.stage.trainable, self.parallel.tp)
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
-        _choice("resume", self.resume, ("auto", "never"))
-        _choice("nan_policy", self.nan_policy, ("skip", "stop"))
-        _positive("log_every", self.log_every)
-        _positive("max_consecutive_nan", self.max_consecutive_nan, allow_zero=True)
+        self.export.validate("export")
+        choice("resume", self.resume, ("auto", "never"))
+        choice("nan_policy", self.nan_policy, ("skip", "stop"))
+        positive("log_every", self.log_every)
+        positive("max_consecutive_nan", self.max_consecutive_nan, allow_zero=True)
         if self.stage.image_size % self.model.vision.patch_size:
             raise ConfigError(
                 f"stage.image_size: {self.stage.image_size} is not a multiple of "
@@ -192,19 +88,37 @@ class TrainConfig:
                 f"({self.model.adapter.num_queries} slots + markers) and a token"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every value, defaults included (run_dir/config.json, the W&B run config)."""
+        return asdict(self)
+
+
+def validate_launch(cfg: TrainConfig, world_size: int) -> int:
+    """The checks that need the launch (world size, data on disk), still before any process
+    group starts; returns the gradient accumulation steps."""
+    # Imported here: topology imports ConfigError from this module.
+    from qwenvl_train.training.parallel.topology import validate_parallel
+
+    sizes = validate_parallel(cfg.parallel, world_size)
+    accum = cfg.stage.grad_accumulation_steps(sizes.dp)
+    expand_sources(cfg.data)  # every source matches shards (one error lists those that don't)
+    return accum
+
 
 def to_schema(cfg: DictConfig | dict) -> TrainConfig:
     """Merge a composed config onto the schema and validate it (raises ConfigError)."""
     schema = OmegaConf.structured(TrainConfig)
     try:
+        # As plain containers: a key appended with `+` is then an unknown key here.
+        if OmegaConf.is_config(cfg):
+            cfg = OmegaConf.to_container(cfg, resolve=False)
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
         typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        detail = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ConfigError(f"{key}: {detail}") from None
+        raise ConfigError(_omegaconf_message(e, cfg)) from None
     try:
+        check_weights(typed)
         typed.validate()
     except ConfigError:
         raise
@@ -213,13 +127,102 @@ def to_schema(cfg: DictConfig | dict) -> TrainConfig:
     return typed
 
 
+def check_weights(cfg: TrainConfig) -> None:
+    """Sizes from the weight sources (`model.sizes=from_weights`), then every source checked
+    against the model config: reads JSON and safetensors headers only, before anything is
+    built (model/source_config.py)."""
+    from qwenvl_train.model import source_config
+
+    sizes = cfg.model.sizes
+    cfg.model = source_config.resolve_model_sizes(cfg.model, cfg.init_from)
+    problems = source_config.check_weight_sources(cfg.model, cfg.init_from)
+    if problems:
+        raise ConfigError(source_config.weight_source_error(problems, sizes))
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the Hydra config outside a Hydra app (tests, scripts)."""
+    """Compose the Hydra config outside a Hydra app (tests, scripts); a bad override
+    raises ConfigError as `to_schema` does."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(config_name="train", overrides=list(overrides or []))
+    except HydraException as e:
+        raise ConfigError(_hydra_message(e)) from None
+
+
+def _hydra_message(error: BaseException) -> str:
+    """One line naming the key: a config group option that does not exist (with the
+    options), an unknown key (with the keys there are), the OmegaConf error under Hydra's,
+    else Hydra's own text."""
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return (f"{group or 'config'}: {option!r} is not allowed; choose one of "
+                f"{sorted(error.options)}")
+    if isinstance(error, OverrideParseException):
+        return (f"{str(error).splitlines()[0]}; quote values with braces, spaces or '=': "
+                "'key=\"value\"'")
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            return _omegaconf_message(cause)
+        cause = cause.__cause__ or cause.__context__
+    return str(error).strip().splitlines()[0]
+
+
+def _omegaconf_message(error: OmegaConfBaseException, raw: Any = None) -> str:
+    key = getattr(error, "full_key", None)
+    detail = str(getattr(error, "msg", None) or error).splitlines()[0]
+    env = re.search(r"Environment variable '(\w+)' not found", str(error))
+    if env:  # `${oc.env:NAME}` in a YAML while NAME is unset: name the key it sets
+        name = env.group(1)
+        keys = _keys_using(raw, f"oc.env:{name}") or [key or "?"]
+        return (f"{keys[0]}: the environment variable {name} is not set; "
+                f"`export {name}=/path/...`, or pass {keys[0]}=/path/... on the command line")
+    if key and isinstance(error, (ConfigAttributeError, ConfigKeyError)):
+        return _unknown_key_message(key)
+    if key and isinstance(error, MissingMandatoryValue):
+        return f"{key}: has no default and must be set: {key}=..."
+    return f"{key or '?'}: {detail}"
+
+
+def _keys_using(node: Any, text: str, prefix: str = "") -> list[str]:
+    """Dotted keys of a plain (unresolved) config whose string value contains `text`."""
+    if isinstance(node, dict):
+        return [k for name, v in node.items()
+                for k in _keys_using(v, text, f"{prefix}.{name}" if prefix else str(name))]
+    return [prefix] if isinstance(node, str) and text in node else []
+
+
+def _schema_keys(cls: type | None = None, prefix: str = "") -> dict[str, type | None]:
+    """Every dotted key of the schema (nested dataclasses opened) -> its dataclass or None."""
+    out: dict[str, type | None] = {}
+    hints = get_type_hints(cls or TrainConfig)
+    for f in fields(cls or TrainConfig):
+        key = f"{prefix}{f.name}"
+        sub = hints[f.name] if is_dataclass(hints[f.name]) else None
+        out[key] = sub
+        if sub is not None:
+            out.update(_schema_keys(sub, key + "."))
+    return out
+
+
+def _unknown_key_message(key: str) -> str:
+    """`key` is in no schema: list the keys its parent has and the keys it may have meant."""
+    parent, _, leaf = key.rpartition(".")
+    schema = _schema_keys()
+    if parent and schema.get(parent) is None:  # in a free-form dict (e.g. data.sources)
+        return f"{key}: {parent} has no entry {leaf!r}; add one with '+{key}=...'"
+    siblings = sorted(k.rpartition(".")[2] for k in schema if k.rpartition(".")[0] == parent)
+    alike = [k for k in schema if k.rpartition(".")[2] == leaf]
+    alike = alike or difflib.get_close_matches(key, list(schema), n=3)
+    hint = f"; did you mean {' or '.join(alike)}?" if alike else ""
+    return f"{key}: no such key; {parent or 'the config'} has {siblings}{hint}"
 
 
 def load_config(overrides: list[str] | None = None) -> TrainConfig:

@@ -1,6 +1,6 @@
 """Token-level constants shared by data, model, training and eval (no heavy imports).
 
-The Qwen-VL special tokens at their released ids (RECIPE in docs/), and the label value
+The Qwen-VL special tokens at their released ids (docs/recipe.md), and the label value
 that carries no loss.
 """
 

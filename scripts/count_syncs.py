@@ -35,7 +35,8 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_uniqu
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                "reduce_scatter", "reduce_scatter_tensor", "barrier", "all_to_all_single",
                "reduce", "all_gather_object", "broadcast_object_list")
-HOST_SITES = ("_counts", "_segment_sq_tokens")  # read the loader's CPU batch
+# Read the loader's CPU batch, or the StepResult's host values.
+HOST_SITES = ("_counts", "_segment_sq_tokens", "_log")
 # Checks that read a value only for CPU tensors (on CUDA: an async device assertion).
 CPU_ONLY_SITES = ("embed_inputs",)
 

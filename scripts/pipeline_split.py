@@ -20,7 +20,7 @@ from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.training.parallel.partition import images_per_row, plan_split
 
 CONFIGS = Path(__file__).resolve().parents[1] / "qwenvl_train" / "configs"
-# (label, image size, LLM row length, packed rows, trainable groups): RECIPE.md stages 1, 2.
+# (label, image size, LLM row length, packed rows, trainable groups): docs/recipe.md stages 1, 2.
 SETTINGS = (
     ("stage 1 (pretrain): 224px / 512 tokens, LLM frozen", 224, 512, False, ("vit", "adapter")),
     ("stage 2 (multitask): 448px / 2048 tokens packed, all trained", 448, 2048, True,

@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What subprocesses import from: the checkout (also `tests.plugins.*`, the trainer callbacks
+# the tests install) and, by name, the test helpers and the workers' shared modules.
+IMPORT_PATH = [REPO, REPO / "tests", REPO / "tests" / "workers"]
 
 
 def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
+    path = os.pathsep.join([*map(str, IMPORT_PATH), env.get("PYTHONPATH", "")])
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true",
-               PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
+               PYTHONPATH=path)
     env.update(extra or {})
     return env
 
@@ -61,9 +65,10 @@ def launch_torchrun(args: list[str], nproc: int, *, results: Path, env: dict | N
 def torchrun(tmp_path):
     """Run `python -m torch.distributed.run --nproc_per_node=N ARGS...`.
 
-    Worker scripts write their per-rank results to `$QWENVL_RESULTS_DIR/rank{r}.json`;
-    they come back as `result.ranks`. A non-zero exit fails the test with the output
-    unless `check=False`."""
+    Worker scripts (tests/workers/) write their per-rank results to
+    `$QWENVL_RESULTS_DIR/rank{r}.json`, training runs through the `results.RankResults`
+    callback (tests/plugins/); they come back as `result.ranks`. A non-zero exit fails the
+    test with the output unless `check=False`."""
 
     def launch(args: list[str], nproc: int, *, env: dict | None = None, timeout: int = 300,
                check: bool = True) -> RunResult:
@@ -82,5 +87,31 @@ def run_cli():
             cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO,
                               env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+# Runs a command's `main()` and reports, at exit, which heavy libraries it had imported.
+_PROBE = """import atexit, sys
+heavy = ("torch", "transformers", "deepspeed")
+atexit.register(lambda: print("heavy:", [m for m in heavy if m in sys.modules]))
+from {module} import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture
+def probe_cli():
+    """Run a console entry point (`module`'s `main`) with `args`; returns the completed
+    process and the heavy libraries (torch, transformers, deepspeed) it imported."""
+
+    def run(module: str, args: list[str], *, env: dict | None = None, timeout: int = 120
+            ) -> tuple[subprocess.CompletedProcess, list[str]]:
+        proc = subprocess.run([sys.executable, "-c", _PROBE.format(module=module), *args],
+                              cwd=REPO, env=_env(env), capture_output=True, text=True,
+                              timeout=timeout)
+        heavy = [line for line in proc.stdout.splitlines() if line.startswith("heavy: ")]
+        assert heavy, proc.stderr[-2000:]
+        return proc, json.loads(heavy[-1][len("heavy: "):].replace("'", '"'))
 
     return run

@@ -1,6 +1,7 @@
 """Shared pieces of the model tests: tiny configs, random checkpoints in the released key
 layouts, and independent reference computations written from the released model's math
-(RECIPE.md "Exactness notes"), deliberately not reusing any code of `qwenvl_train.model`."""
+(docs/recipe.md, "Where the released checkpoint differs"), deliberately not reusing any
+code of `qwenvl_train.model`."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@ import pytest
 
 from qwenvl_train.config import ConfigError, load_config
 
-# RECIPE.md's stage table.
+# docs/recipe.md's stage table.
 PAPER = {
     "pretrain": dict(trainable=["vit", "adapter"], image_size=224, seq_len=512, lr=2e-4,
                      min_lr=1e-6, warmup=500, decay=0.95, batch=30720, steps=50000, pack=False),
@@ -56,13 +56,11 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 
 def test_global_batch_must_split_into_micro_batches_and_ranks():
-    from qwenvl_train.training.parallel.engine import grad_accumulation_steps
-
     cfg = load_config(["scale=demo", "stage.global_batch_size=8", "stage.micro_batch_size=4"])
-    assert grad_accumulation_steps(cfg, dp_size=1) == 2
-    assert grad_accumulation_steps(cfg, dp_size=2) == 1
+    assert cfg.stage.grad_accumulation_steps(dp_size=1) == 2
+    assert cfg.stage.grad_accumulation_steps(dp_size=2) == 1
     with pytest.raises(ConfigError, match="stage.global_batch_size"):
-        grad_accumulation_steps(cfg, dp_size=3)
+        cfg.stage.grad_accumulation_steps(dp_size=3)
 
 
 def test_cli_rejects_bad_config_before_starting(run_cli, tmp_path):
@@ -71,3 +69,47 @@ def test_cli_rejects_bad_config_before_starting(run_cli, tmp_path):
     assert proc.returncode == 2
     assert "parallel.zero_stage" in proc.stderr and "[0, 1, 2, 3]" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_stage_yamls_set_only_what_differs_from_the_optimizer_defaults():
+    import yaml
+
+    from qwenvl_train.config import CONFIG_DIR
+
+    for path in (CONFIG_DIR / "stage").glob("*.yaml"):
+        optim = yaml.safe_load(path.read_text())["optim"]
+        assert set(optim) <= {"lr", "min_lr", "warmup_steps", "vit_layer_decay"}, path.name
+    # Every schema key can be overridden, listed in a YAML or not.
+    assert load_config(["stage.optim.grad_clip=0.5"]).stage.optim.grad_clip == 0.5
+
+
+def test_launch_check_names_the_demo_command_for_an_empty_data_root(tmp_path):
+    from qwenvl_train.config import validate_launch
+
+    cfg = load_config(["scale=demo", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"data.root: .*qwenvl-data demo --out {tmp_path}"):
+        validate_launch(cfg, world_size=1)
+    for name in cfg.data.sources:  # every source of data=demo must match a shard
+        (tmp_path / f"{name}-00000.tar").touch()
+    assert validate_launch(cfg, world_size=2) == 1  # global 4 = micro 2 x 1 x dp 2
+
+
+@pytest.mark.parametrize("override, returncode, says", [
+    ("stage=bogus", 2, "stage: 'bogus' is not allowed; choose one of ['multitask', 'pretrain', "
+                       "'sft']"),                                  # a group option
+    ("stage.lr=abc", 2, "stage.lr: no such key; stage has ["),      # a key of no schema
+    ("stage.optim.lr=abc", 2, "stage.optim.lr: Value 'abc'"),       # the schema's type
+    ("parallel.zero_stage=7", 2, "parallel.zero_stage"),            # allowed values
+    ("data.root={empty}", 2, "qwenvl-data demo --out"),             # the launch check
+    ("--help", 0, "Configuration groups"),
+])
+def test_rejecting_a_config_imports_neither_torch_nor_transformers(override, returncode,
+                                                                    says, tmp_path, probe_cli):
+    args = [override.format(empty=tmp_path / "empty"), f"run_dir={tmp_path}/run"]
+    proc, heavy = probe_cli("qwenvl_train.cli.train", args)
+    assert proc.returncode == returncode, proc.stderr[-2000:]
+    assert says in proc.stdout + proc.stderr
+    assert heavy == []
+    if returncode == 2:  # our one line, no Hydra text
+        assert proc.stderr.count("\n") == 1 and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -49,3 +49,20 @@ def test_inspect_skips_images_larger_than_max_image_pixels(tmp_path, capsys):
     _, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain",
                    "--max-image-pixels", str(64 * 48 - 1)], capsys)  # as data.max_image_pixels
     assert '=== {"image_too_large": 2}' in out
+
+
+def test_draw_skips_an_image_that_does_not_decode(tmp_path, capsys):
+    """A truncated JPEG opens (its header is whole) but does not decode: --draw skips the
+    sample as the loader skips it (`bad_image`) instead of crashing, and draws the rest."""
+    cut = image_bytes()[:1000]  # header whole, coded data cut
+    write_raw_tar(tmp_path / "s.tar", [("cut.json", jrec(record("caption"))), ("cut.0.jpg", cut),
+                                       ("ok.json", jrec(record("caption"))),
+                                       ("ok.0.jpg", image_bytes())])
+    code, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain", "--draw",
+                      str(tmp_path / "drawn")], capsys)
+    assert code == 0
+    assert "SKIPPED bad_image: decode failed: image file is truncated" in out
+    assert '=== {"bad_image": 1, "ok": 1}' in out
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["ok.png"]
+    _, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain"], capsys)
+    assert '=== {"ok": 2}' in out  # without --draw no image is decoded

@@ -3,7 +3,6 @@ encoder's normalisation, VQA / grounding / CIDEr-D metrics, and evaluate() end t
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -14,6 +13,7 @@ import torch
 from model_helpers import tiny_config
 from PIL import Image
 
+from qwenvl_train.cli import eval as eval_cli
 from qwenvl_train.data.shards import ShardWriter
 from qwenvl_train.data.templates import box_text, norm_coord, quad_text
 from qwenvl_train.data.tokenizer import get_tokenizer
@@ -34,7 +34,7 @@ from qwenvl_train.eval.parse import (
     parse_grounding,
     quad_to_pixels,
 )
-from qwenvl_train.model import build_model
+from qwenvl_train.model.qwenvl import build_model
 
 IMAGE_SIZE = 28
 TOK = get_tokenizer()
@@ -284,14 +284,11 @@ def test_cli_eval_on_an_export(model, shard_dir, tmp_path, capsys):
     from qwenvl_train.model.weights import export_consolidated
 
     export_consolidated(model, model.config, tmp_path / "export")
-    parser = argparse.ArgumentParser()
-    run_eval.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--export", str(tmp_path / "export"), "--shards",
-                              "mixed-*.tar", "--root", str(shard_dir), "--task", "grounding",
-                              "--limit", "2", "--image-size", str(IMAGE_SIZE),
-                              "--max-new-tokens", "3", "--predictions",
-                              str(tmp_path / "p.jsonl")])
-    assert args.func(args) == 0
+    rc = eval_cli.main(["--export", str(tmp_path / "export"), "--shards", "mixed-*.tar",
+                        "--root", str(shard_dir), "--task", "grounding", "--limit", "2",
+                        "--image-size", str(IMAGE_SIZE), "--max-new-tokens", "3",
+                        "--predictions", str(tmp_path / "p.jsonl")])
+    assert rc == 0
     out = capsys.readouterr().out  # libraries may log to stdout before the JSON
     res = json.loads(out[out.index("{\n"):])
     assert res["num_items"] == 2 and 0.0 <= res["grounding_accuracy"] <= 1.0

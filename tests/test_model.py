@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from model_helpers import sample_ids, tiny_config
 from omegaconf import OmegaConf
 
-from qwenvl_train.model import QwenVLConfig, build_model
 from qwenvl_train.model.attention import block_causal_mask, positions_from_segments, varlen_kwargs
+from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.model.groups import count_by_group, group_of, set_trainable
+from qwenvl_train.model.qwenvl import build_model
 from qwenvl_train.model.vision import resize_pos_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "qwenvl_train" / "configs" / "model"

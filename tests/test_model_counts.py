@@ -1,11 +1,12 @@
-"""The real 9.6B architecture built on the meta device: parameter counts match RECIPE.md."""
+"""The real 9.6B architecture built on the meta device: parameter counts match docs/recipe.md."""
 
 from __future__ import annotations
 
 import torch
 
-from qwenvl_train.model import QwenVLConfig, build_model
+from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.model.groups import PARTS, part_of
+from qwenvl_train.model.qwenvl import build_model
 
 
 def test_qwenvl_7b_meta_counts():

@@ -10,6 +10,7 @@ from qwenvl_train.training.optim import (
     build_optimizer,
     build_param_groups,
     build_scheduler,
+    skipped_update,
 )
 
 
@@ -104,3 +105,32 @@ def test_unknown_group_is_rejected():
         set_trainable(_Toy(), ["decoder"])
     with pytest.raises(KeyError, match="text_encoder"):
         group_of("text_encoder.weight")
+
+
+def test_skipped_update_changes_no_parameter_moment_or_step_count():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    optimizer = build_optimizer([{"params": list(layer.parameters()), "lr_scale": 1.0}],
+                                lr=0.1, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = build_scheduler(optimizer, Schedule(0.1, 0.01, 1, 10))
+
+    def step(skip: bool) -> None:
+        layer(torch.randn(2, 4)).sum().backward()
+        if skip:
+            with skipped_update(optimizer):
+                optimizer.step()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+
+    def snapshot() -> list[torch.Tensor]:
+        state = [v for p in layer.parameters() for v in optimizer.state[p].values()]
+        return [t.clone() for t in (*layer.parameters(), *state)]
+
+    step(skip=False)
+    before = snapshot()  # weight, bias, then step, exp_avg, exp_avg_sq per parameter
+    step(skip=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+    step(skip=False)  # the real step is back (and the LR scheduler's wrapper with it)
+    assert not any(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))

@@ -4,22 +4,18 @@ Two torchrun launches (2 and 4 ranks) run the layouts one after another: the sam
 init and batches must give the same per-step losses and pre-clip grad norms as
 `parallel_common.reference` within 1e-5. Data-parallel rank 1 gets a text-only micro-batch
 (must not hang: the worker's watchdog and the launch timeout turn a hang into a failure).
-Also: LLM frozen under pp2, activation checkpointing, ZeRO-2 (overlap_comm off and on),
-bf16 smoke, NaN-step skip, checkpoint save/reload and consolidated export under tp2xdp2 and
-pp2xtp2."""
+Also: LLM frozen under pp2, activation checkpointing, ZeRO-2 (overlap_comm on and off),
+bf16 smoke, NaN-step skip, LoRA under tp2 and pp2, checkpoint save/reload and consolidated
+export under tp2xdp2 and pp2xtp2; one replica without DeepSpeed's gradient all-reduce."""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
+import parallel_common as pc
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
-
-import parallel_common as pc  # noqa: E402
 
 WORKER = "tests/workers/parallel_train.py"
 TOL = 1e-5
@@ -53,8 +49,8 @@ def _check_task_sums(results: dict, layout: str, dp: int) -> None:
 
 @pytest.mark.slow
 def test_two_rank_layouts(torchrun):
-    run = torchrun([WORKER, "pp2", "tp2", "tp2:gc", "pp2:frozen", "pp2:bf16", "pp2:nan"],
-                   nproc=2, env=WATCHDOG, timeout=240)
+    run = torchrun([WORKER, "pp2", "tp2", "tp2:gc", "pp2:frozen", "pp2:bf16", "pp2:nan",
+                    "tp2:lora", "pp2:lora"], nproc=2, env=WATCHDOG, timeout=240)
     results = run.ranks[0]
     losses, norms, _ = pc.reference(dp=1)
     for layout in ("pp2", "tp2", "tp2:gc"):  # gc: activation checkpointing recomputes TP comms
@@ -70,17 +66,22 @@ def test_two_rank_layouts(torchrun):
     # Stage 1 of the recipe (LLM frozen): the LLM-only stage trains through its anchors.
     losses, norms, _ = pc.reference(dp=1, trainable=("vit", "adapter"))
     _check(results, "pp2:frozen", losses, norms)
+    # LoRA: A/B split with their column/row linears (tp2), placed with their layers (pp2).
+    losses, norms, _ = pc.reference(dp=1, lora=True)
+    for layout in ("tp2:lora", "pp2:lora"):
+        _check(results, layout, losses, norms)
 
 
 @pytest.mark.slow
 def test_four_rank_layouts_and_export(torchrun, tmp_path):
     env = {**WATCHDOG, "QWENVL_EXPORT_DIR": str(tmp_path)}
-    run = torchrun([WORKER, "pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "tp2xdp2:overlap",
+    run = torchrun([WORKER, "pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "tp2xdp2:nooverlap",
                     "pp2xtp2:export"], nproc=4, env=env, timeout=300)
     results = run.ranks[0]
     losses, norms, reference_dp2 = pc.reference(dp=2)
-    # z2: ZeRO-2 instead of 1; overlap: ZeRO-2 reducing during backward (overlap_comm)
-    for layout in ("pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "tp2xdp2:overlap"):
+    # z2: ZeRO-2 instead of 1 (the generated config overlaps its reduction with backward);
+    # nooverlap: the same without overlap_comm
+    for layout in ("pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "tp2xdp2:nooverlap"):
         _check(results, layout, losses, norms)
     _check_task_sums(results, "pp2xdp2", dp=2)
     losses, norms, trained = pc.reference(dp=1)
@@ -115,8 +116,8 @@ def _check_export(tmp_path: Path, name: str, trained: torch.nn.Module) -> None:
 @pytest.mark.slow
 def test_one_replica_skips_the_gradient_allreduce_with_the_same_losses(torchrun):
     """ZeRO-0 with one data-parallel replica: DeepSpeed's post-backward all-reduce (a copy of
-    every gradient through a flat buffer, over one rank) is skipped; the run is the one
-    with it, and the single-process reference."""
+    every gradient through a flat buffer, over one rank) is skipped; the losses are those
+    of the run with it, and of the single-process reference."""
     run = torchrun([WORKER, "dp1:z0", "dp1:allreduce"], nproc=1, env=WATCHDOG, timeout=180)
     results = run.ranks[0]
     assert results["dp1:z0"]["skips_allreduce"]

@@ -146,7 +146,7 @@ def _llava_boxes_data(tmp_path: Path) -> Path:
 def _rendered_turns(sample) -> tuple[list[str], list[str]]:
     """User and assistant turns of a converted chat sample as the sft template writes them
     (image slots shown as an empty `<img></img>`)."""
-    from qwenvl_train.data.schema import parse_record
+    from qwenvl_train.data.records import parse_record
     from qwenvl_train.data.templates import ImageSlot, Special, render
 
     rec, images = sample

@@ -32,7 +32,7 @@ def data_root(tmp_path, monkeypatch):
 
 def test_multitask_mixture_has_the_paper_weights(data_root):
     cfg = load_config(["data=mixture_multitask", "stage=multitask"])
-    assert cfg.data.root == str(data_root) and not cfg.data.build_demo_if_missing
+    assert cfg.data.root == str(data_root)
     assert {k: v.weight for k, v in cfg.data.sources.items()} == PAPER_MIXTURE
     resolved = resolve_sources(cfg.data, "multitask")
     assert {name: w for name, _, w in resolved} == PAPER_MIXTURE

@@ -10,10 +10,10 @@ import pytest
 
 from qwenvl_train.training.observe import progress as progress_mod
 from qwenvl_train.training.observe import tracking
+from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.observe.tracking import RUN_ID_FILE, ThroughputMeter, Tracker
 
-OFFLINE = NS(backend="wandb", mode="offline", project="qwenvl-test", entity=None, name=None,
-             tags=["test"])
+OFFLINE = TrackingConfig(backend="wandb", mode="offline", project="qwenvl-test", tags=["test"])
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +48,43 @@ def test_offline_run_and_resume_same_id(tmp_path: Path) -> None:
     again = Tracker.create(OFFLINE, tmp_path, {}, rank=0, total_steps=4, start_step=2,
                            stream=io.StringIO())
     assert again.run is not None and again.run.id == run_id
+    assert again.run.starting_step == 0  # offline, W&B does not resume: a new segment
     again.log(3, {"loss": 0.5})
+    assert again.run.step == 3  # ... whose steps continue at the training step
     again.close()
     assert all(p.name.endswith(run_id) for p in (tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_resumed_online_run_skips_the_steps_wandb_already_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after logging step 6, resumed from the checkpoint of step 4: W&B's run goes
+    on at its step 7; steps 5 and 6 (the same values again, exact resume) are not sent."""
+    import wandb
+
+    class ResumedRun:
+        id, starting_step = "abc", 7
+
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict]] = []
+
+        def define_metric(self, *args, **kwargs) -> None:
+            pass
+
+        def log(self, data: dict, step: int) -> None:
+            self.logged.append((step, data))
+
+        def finish(self, exit_code: int = 0) -> None:
+            pass
+
+    run = ResumedRun()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    online = TrackingConfig(backend="wandb", mode="online", project="p")
+    tracker = Tracker.create(online, tmp_path, {}, rank=0, total_steps=9, start_step=4,
+                             stream=io.StringIO())
+    for step in (5, 6, 7, 8):
+        tracker.log(step, {"loss": 1.0})
+    tracker.close()
+    assert [(s, d["train/step"]) for s, d in run.logged] == [(7, 7), (8, 8)]
 
 
 def test_wandb_init_failure_falls_back_to_console(tmp_path: Path,
@@ -107,13 +141,13 @@ def test_other_ranks_do_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
 
 def test_disabled_backend_writes_nothing(tmp_path: Path) -> None:
-    cfg = NS(backend="none", mode="disabled", project="p")
+    cfg = TrackingConfig(backend="none", mode="disabled", project="p")
     tracker = Tracker.create(cfg, tmp_path, {}, rank=0, total_steps=1, stream=io.StringIO())
     tracker.log(1, {"loss": 1.0})
     tracker.close()
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="allowed"):
-        Tracker.create(NS(backend="tensorboard", mode="offline"), tmp_path, {}, rank=0)
+    with pytest.raises(ValueError, match="allowed"):  # checked once, by the config
+        TrackingConfig(backend="tensorboard", mode="offline").validate("tracking")
 
 
 def test_non_tty_progress_lines_have_eta(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +194,7 @@ def test_meter_from_train_config_on_cpu() -> None:
     model = NS(vision=NS(patch_size=14, width=8, layers=1, heads=2, mlp_dim=16),
                adapter=NS(num_queries=4, embed_dim=8, heads=2, post_group="vit"),
                llm=NS(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2,
-                      intermediate_size=16, vocab_size=10))
+                      intermediate_size=16, vocab_size=10), lora=NS(parts=[]))
     cfg = NS(model=model, parallel=NS(pp=1, tp=1), tracking=NS(peak_tflops=None),
              stage=NS(image_size=28, seq_len=8, trainable=["vit", "adapter"], precision="bf16"))
     counts = {"samples": 1, "images": 1, "tokens": 8, "real_tokens": 8}
@@ -170,3 +204,17 @@ def test_meter_from_train_config_on_cpu() -> None:
     m = ThroughputMeter.create(cfg, dp_size=1, device="cpu").update(counts, 1.0)
     assert m["perf/mfu"] == pytest.approx(m["perf/tflops_per_device"] / 1e-6)
     assert tracking.memory_stats()["mem/max_rss_gib"] > 0
+
+
+def test_metrics_past_the_restored_step_and_cut_lines_are_dropped(tmp_path: Path) -> None:
+    from qwenvl_train.training.trainer import keep_metrics_up_to
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [f'{{"step": {s}, "loss": {1.0 / s}}}' for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed while writing step 5
+    keep_metrics_up_to(path, 4)
+    assert path.read_text() == "\n".join(lines) + "\n"
+    keep_metrics_up_to(path, 2)
+    assert path.read_text() == "\n".join(lines[:2]) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    keep_metrics_up_to(tmp_path / "none.jsonl", 3)  # a fresh run: nothing to do

@@ -11,13 +11,16 @@ import time
 import pytest
 from trainer_helpers import (
     TRAIN,
+    callbacks,
     equal_tensors,
     export_state,
     initial_state,
     losses,
     metrics,
     overrides,
+    plugin,
     split_by_group,
+    update_state,
 )
 
 from qwenvl_train.training.checkpoint import latest_tag
@@ -33,10 +36,11 @@ def zero2_reference(demo_data, tmp_path_factory):
     """An uninterrupted 2-rank ZeRO-2 stage-1 run of 6 steps (shared by several tests)."""
     from conftest import RunResult, launch_torchrun
 
-    run = tmp_path_factory.mktemp("ref") / "run"
+    run, results = tmp_path_factory.mktemp("ref") / "run", tmp_path_factory.mktemp("ref_results")
     result: RunResult = launch_torchrun(
-        [*TRAIN, *overrides(run, demo_data, *ZERO2, "tracking=wandb_offline")], 2,
-        results=tmp_path_factory.mktemp("ref_results"))
+        [*TRAIN, *overrides(run, demo_data, *ZERO2, "tracking=wandb_offline",
+                            callbacks(plugin("results.RankResults", out=str(results))))], 2,
+        results=results)
     return run, result
 
 
@@ -65,8 +69,8 @@ def test_stage1_two_ranks_trains_adapter_and_vit_keeps_llm_frozen(zero2_referenc
 def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero2(
         torchrun, demo_data, tmp_path, zero2_reference):
     ref, run = zero2_reference[0], tmp_path / "run"
-    killed = torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2)], nproc=2,
-                      env={"QWENVL_FAULT": "kill_after_step:5"}, check=False)
+    kill = callbacks(plugin("faults.KillAfterStep", step=5))
+    killed = torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2, kill)], nproc=2, check=False)
     assert killed.returncode != 0
     assert latest_tag(run) == "step_0000004" and max(losses(run)) == 5
     torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2)], nproc=2)
@@ -78,8 +82,8 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero3(torchrun, d
     ref, run = tmp_path / "ref", tmp_path / "run"
     args = ("parallel=zero3",)
     torchrun([*TRAIN, *overrides(ref, demo_data, *args, steps=4)], nproc=2)
-    torchrun([*TRAIN, *overrides(run, demo_data, *args, steps=4)], nproc=2,
-             env={"QWENVL_FAULT": "kill_after_step:3"}, check=False)
+    kill = callbacks(plugin("faults.KillAfterStep", step=3))
+    torchrun([*TRAIN, *overrides(run, demo_data, *args, kill, steps=4)], nproc=2, check=False)
     assert latest_tag(run) == "step_0000002"
     torchrun([*TRAIN, *overrides(run, demo_data, *args, steps=4)], nproc=2)
     assert losses(run) == losses(ref)
@@ -88,8 +92,8 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero3(torchrun, d
 def test_kill_during_save_keeps_previous_checkpoint_loadable(torchrun, demo_data, tmp_path,
                                                              zero2_reference):
     ref, run = zero2_reference[0], tmp_path / "run"
-    torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2)], nproc=2,
-             env={"QWENVL_FAULT": "kill_in_save:4"}, check=False)
+    kill = callbacks(plugin("faults.KillInSave", step=4))
+    torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2, kill)], nproc=2, check=False)
     assert latest_tag(run) == "step_0000002"   # step 4 was half-written; latest did not move
     assert (run / "checkpoints" / "step_0000004").exists()
     torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2)], nproc=2)
@@ -117,17 +121,26 @@ def test_layouts_match_single_process_and_chain_pp2_to_tp2(torchrun, run_cli, de
     assert all(equal_tensors(s1[g], s2[g]) for g in ("vit", "adapter", "llm"))  # all trained
 
 
+def _assert_step_skipped(run, step: int) -> None:
+    """Parameters, Adam's moments and its step count after `step` equal those before it."""
+    before, skipped = update_state(run, step - 1), update_state(run, step)
+    assert equal_tensors(before, skipped) == []
+    for kind in ("exp_avg", "exp_avg_sq", "step"):
+        assert any(k.endswith(f".{kind}") for k in skipped), kind
+
+
 def test_nan_loss_skips_the_step_on_all_ranks_or_stops(torchrun, demo_data, tmp_path):
-    run = tmp_path / "skip"
-    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", steps=4)], nproc=2,
-             env={"QWENVL_FAULT": "nan_loss:3"})
+    run, nan = tmp_path / "skip", callbacks(plugin("faults.NanLoss", step=3))
+    torchrun([*TRAIN, *overrides(run, demo_data, "parallel=zero2", nan, "checkpoint.every_steps=1",
+                                 "checkpoint.keep_last=4", steps=4)], nproc=2)
     rows = {m["step"]: m for m in metrics(run)}
     assert rows[3]["skipped_steps"] == 1 and rows[2]["skipped_steps"] == 0
     assert all(v == 0.0 for k, v in rows[3].items() if k.startswith("lr/"))
+    _assert_step_skipped(run, 3)
+    assert equal_tensors(update_state(run, 3), update_state(run, 4))  # step 4 updates again
     stop = tmp_path / "stop"
     failed = torchrun([*TRAIN, *overrides(stop, demo_data, "parallel=zero2", "nan_policy=stop",
-                                          steps=4)], nproc=2, env={"QWENVL_FAULT": "nan_loss:3"},
-                      check=False)
+                                          nan, steps=4)], nproc=2, check=False)
     assert failed.returncode != 0
     assert "non-finite loss at step 3" in failed.output and "batch keys" in failed.output
 
@@ -154,8 +167,8 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_and_resumes(torchrun, demo_data,
     assert latest_tag(run) == f"step_{step:07d}", out[-3000:]
     assert json.loads((run / "summary.json").read_text())["preempted"] is True
     # The rerun picks up exactly there (a short run: 2 more steps).
-    torchrun([*TRAIN, *overrides(run, demo_data, steps=400)], nproc=2,
-             env={"QWENVL_FAULT": f"kill_after_step:{step + 2}"}, check=False)
+    kill = callbacks(plugin("faults.KillAfterStep", step=step + 2))
+    torchrun([*TRAIN, *overrides(run, demo_data, kill, steps=400)], nproc=2, check=False)
     assert max(losses(run)) == step + 2
 
 
@@ -172,15 +185,22 @@ def test_stages_chain_1_to_2_to_3_on_demo_data(run_cli, demo_data, tmp_path):
     trainable = {"pretrain": 183_424, "multitask": 19_732_288, "sft": 19_573_952}
     for stage, run in runs.items():
         extra = [f"init_from={previous}"] if previous else []
+        if stage == "sft":
+            extra.append("checkpoint.every_steps=1")
         results = tmp_path / f"{stage}_results"
         results.mkdir()
-        proc = run_cli(TRAIN[1], overrides(run, demo_data, *extra, steps=2, stage=stage),
-                       env={"QWENVL_RESULTS_DIR": str(results)})
+        hooks = [plugin("results.RankResults", out=str(results))]
+        if stage == "sft":  # single process, ZeRO-0: a NaN loss in step 2 skips its update
+            hooks.append(plugin("faults.NanLoss", step=2))
+        proc = run_cli(TRAIN[1], overrides(run, demo_data, *extra, callbacks(*hooks), steps=2,
+                                           stage=stage))
         assert proc.returncode == 0, proc.stderr[-4000:]
         rank0 = json.loads((results / "rank0.json").read_text())
         assert rank0["optimizer_equals_trainable"] and rank0["frozen_in_optimizer"] == 0
         assert rank0["optimizer_numel"] == rank0["trainable_numel"] == trainable[stage]
         previous = run
+    assert [m["skipped_steps"] for m in metrics(runs["sft"])] == [0, 1]
+    _assert_step_skipped(runs["sft"], 2)
     s1, s2, s3 = (split_by_group(export_state(runs[s])) for s in runs)
     init = split_by_group(initial_state())
     assert equal_tensors(init["llm"], s1["llm"]) == []          # stage 1: LLM frozen

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +24,15 @@ from model_helpers import (
 from safetensors.torch import save_file
 from transformers import Qwen2ForCausalLM
 
-from qwenvl_train.model import WeightsConfig, build_model, export_consolidated, load_consolidated
-from qwenvl_train.model.qwenvl import qwen2_config
-from qwenvl_train.model.weights import load_init_weights, load_llm, load_qwenvl
+from qwenvl_train.model.config import WeightsConfig
+from qwenvl_train.model.qwenvl import build_model, qwen2_config
+from qwenvl_train.model.weights import (
+    export_consolidated,
+    load_consolidated,
+    load_init_weights,
+    load_llm,
+    load_qwenvl,
+)
 
 
 def _report(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
@@ -165,19 +167,14 @@ def test_export_then_load_at_another_image_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_init_import_and_train(tmp_path):
+def test_zero3_init_import_and_train(torchrun, tmp_path):
     """Build under deepspeed.zero.Init (2 ranks), import released weights into partitioned
     parameters, match the reference forward, and take a text-only step."""
     cfg = tiny_config()
     save_file(released_ckpt(cfg, _gen(4)), str(tmp_path / "model.safetensors"))
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests),
-                                          os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(tests / "model_zero3_worker.py"), str(tmp_path), str(tmp_path / "out.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(["tests/workers/model_zero3_worker.py", str(tmp_path),
+                     str(tmp_path / "out.json")], nproc=2, check=False)
+    assert proc.returncode == 0, proc.output[-3000:]
     res = json.loads((tmp_path / "out.json").read_text())
     print(f"[max abs diff] ZeRO-3 (zero.Init) released import vs reference: {res['diff']:.3e}")
     assert res["partitioned"] and res["diff"] < 1e-4 and math.isfinite(res["loss"])

@@ -20,6 +20,18 @@ def overrides(run_dir: Path, demo_data: Path, *extra: str, steps: int = 6,
     ]
 
 
+def plugin(name: str, **kwargs) -> str:
+    """One entry of `callbacks`: a trainer callback of tests/plugins with its arguments,
+    e.g. plugin("faults.KillAfterStep", step=5)."""
+    args = "".join(f",{key}:{value!r}" for key, value in kwargs.items())
+    return f"{{_target_:tests.plugins.{name}{args}}}"
+
+
+def callbacks(*plugins: str) -> str:
+    """The override that installs `plugins` into the run's trainer."""
+    return f"callbacks=[{','.join(plugins)}]"
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss; a step logged twice (before a crash and after resume) keeps the last."""
     out: dict[int, float] = {}
@@ -62,3 +74,27 @@ def equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> lis
     """Names whose tensors differ (bitwise)."""
     assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))[:5]
     return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def update_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """What an optimizer update changes, from the checkpoint of `step` (all ranks' files):
+    parameters (bit16 and ZeRO's fp32 partitions) and optimizer state (Adam's exp_avg,
+    exp_avg_sq and step count), by path. Schedules and counters are left out."""
+    out: dict[str, torch.Tensor] = {}
+
+    def collect(prefix: str, node) -> None:
+        if isinstance(node, torch.Tensor):
+            out[prefix] = node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                collect(f"{prefix}.{key}", value)
+        elif isinstance(node, list | tuple):
+            for i, value in enumerate(node):
+                collect(f"{prefix}.{i}", value)
+
+    tag = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+    for path in sorted(tag.glob("*_states.pt")):  # DeepSpeed's model and optimizer files
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for key in ("module", "optimizer", "optimizer_state_dict"):
+            collect(f"{path.stem}.{key}", ckpt.get(key))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 ALL_SHARDS = "**/*.tar"
@@ -21,12 +22,15 @@ class SourceConfig:
 class DataConfig:
     name: str = "demo"
     root: str = "demo_data"
-    build_demo_if_missing: bool = True
     # name -> source. Sources a stage template cannot use (per the shard manifests) are
     # dropped for that stage and the remaining weights renormalised. Empty: one source
     # "all" = every .tar under root. (Empty by default because OmegaConf merges dicts key
     # by key: a non-empty default would survive in every YAML that names its own sources.)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # Shards named on the command line, one source per entry, added to `sources`:
+    # `PATTERN` or `PATTERN:WEIGHT` (weight 1 when omitted), PATTERN a path, glob or brace
+    # pattern, absolute or relative to `root` (see `parse_shards_entry`).
+    shards: list[str] = field(default_factory=list)
     num_workers: int = 1
     prefetch_factor: int = 2
     shuffle: bool = True              # reshuffle shard order and in-shard order per epoch
@@ -35,6 +39,20 @@ class DataConfig:
     pack_buffer: int = 4              # open rows per task while packing (first-fit)
     pad_to_multiple_of: int = 8       # unpacked rows: pad the batch to a multiple of this
     use_manifests: bool = True        # skip shards whose manifest has no usable task
+
+    def all_sources(self, prefix: str = "data") -> dict[str, tuple[str, SourceConfig]]:
+        """name -> (config key, source): `sources`, then one source per `shards` entry
+        (named shards0, shards1, ...); neither given: every .tar under `root`."""
+        out = {name: (f"{prefix}.sources.{name}.shards", src)
+               for name, src in self.sources.items()}
+        for i, entry in enumerate(self.shards):
+            key = f"{prefix}.shards[{i}]"
+            name = f"shards{i}"
+            if name in out:
+                raise ValueError(f"{key}: its source name {name!r} is taken by "
+                                 f"{prefix}.sources.{name}; rename that source")
+            out[name] = (key, parse_shards_entry(entry, key))
+        return out or {"all": (f"{prefix}.root", SourceConfig(ALL_SHARDS, 1.0))}
 
     def validate(self, prefix: str = "data") -> None:
         if not self.root:
@@ -45,6 +63,10 @@ class DataConfig:
             if not src.weight > 0:
                 raise ValueError(f"{prefix}.sources.{name}.weight: must be > 0, "
                                  f"got {src.weight}")
+        if self.name == "shards" and not self.shards:
+            raise ValueError(f"{prefix}.shards: data=shards trains on the shards you list, e.g. "
+                             f"{prefix}.shards='[/data/a/*.tar,/data/b/*.tar:0.5]'")
+        self.all_sources(prefix)  # parses the `shards` entries
         for key, low in (("num_workers", 0), ("prefetch_factor", 1),
                          ("max_consecutive_bad", 0), ("max_image_pixels", 1),
                          ("pack_buffer", 1), ("pad_to_multiple_of", 1)):
@@ -52,3 +74,23 @@ class DataConfig:
             if not isinstance(v, int) or v < low:
                 raise ValueError(f"{prefix}.{key}: must be an int >= {low}, got {v!r}")
 
+
+
+def parse_shards_entry(entry: str, key: str = "data.shards[0]") -> SourceConfig:
+    """`PATTERN` or `PATTERN:WEIGHT` -> a source. The text after the last `:` is the weight
+    when it reads as a number (`/data/b/{000..099}.tar:0.5`) and part of the path
+    otherwise (`/data/a:b/*.tar`); a path that itself ends in `:<number>` takes an
+    explicit weight (`/data/x:2:1`). Several space-separated patterns make one source."""
+    pattern, weight = entry, 1.0
+    head, sep, tail = entry.rpartition(":")
+    if sep:
+        try:
+            pattern, weight = head, float(tail)
+        except ValueError:
+            pass  # not a number: the colon belongs to the path
+    if not pattern.strip():
+        raise ValueError(f"{key}: {entry!r} names no shards; write PATTERN or PATTERN:WEIGHT, "
+                         "e.g. '/data/mine/*.tar:0.5'")
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"{key}: the weight in {entry!r} must be a number > 0")
+    return SourceConfig(pattern.strip(), weight)

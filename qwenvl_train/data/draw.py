@@ -5,6 +5,8 @@ sample's text under them -- the quickest way to see that a converter got coordin
 PIL images or encoded bytes) or a raw record dict plus `images=[...]`. Small images are
 scaled up by an integer factor (coordinates with them); a box outline covers exactly the
 outermost pixels of the box, so `box [x1, y1, x2, y2]` puts ink on columns x1 and x2 - 1.
+`draw_shapes(images, shapes, lines, out_path)` is the drawing alone (`qwenvl-chat` draws a
+model's answer with it).
 """
 
 from __future__ import annotations
@@ -115,10 +117,18 @@ def draw_sample(sample: Sample | dict, out_path: str | Path | None = None,
     sources = images if images is not None else list(s.images)
     pics = [_as_image(sources[i] if i < len(sources) else None, size)
             for i, size in enumerate(s.image_sizes)]
-    scales = [max(1, -(-MIN_SIDE // min(p.size))) for p in pics]
-    pics = [p.resize((p.width * k, p.height * k), Image.Resampling.NEAREST) if k > 1 else p
-            for p, k in zip(pics, scales, strict=True)]
     shapes, lines = _overlays(s)
+    return draw_shapes(pics, shapes, lines, out_path)
+
+
+def draw_shapes(pics: list[Image.Image], shapes: list[tuple[int, str, str, list]],
+                lines: list[str], out_path: str | Path | None = None) -> Image.Image:
+    """Images side by side with labelled shapes -- (image index, 'box' | 'quad', label,
+    pixel coordinates of that image) -- and `lines` of text under them; saved to
+    `out_path` (PNG) when given."""
+    scales = [max(1, -(-MIN_SIDE // min(p.size))) for p in pics]
+    pics = [p.resize((p.width * k, p.height * k), Image.Resampling.NEAREST) if k > 1
+            else p.copy() for p, k in zip(pics, scales, strict=True)]
     font = _font()
     colours: dict[str, int] = {}  # one colour per label: the boxes of one phrase match
     for idx, kind, label, coords in shapes:

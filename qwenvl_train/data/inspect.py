@@ -1,6 +1,10 @@
 """`qwenvl-data inspect SHARD --stage ...`: print samples exactly as the model sees them.
 
 Loss-bearing tokens are wrapped in ⟦ ⟧; a run of image slots prints as `<imgpad>x256`.
+A sample the training loader would skip (unreadable JSON, a missing image, ...) prints as
+`SKIPPED <reason>` and is counted by reason. Images are decoded only to draw them
+(`--draw`): then an image that does not decode skips its sample as `bad_image`, as in
+training.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from pathlib import Path
 from qwenvl_train.tokens import IGNORE_INDEX
 
 from .config import MAX_IMAGE_PIXELS, TEMPLATES
-from .encode import encode_tokens
 from .reader import ShardFile, index_tar
 from .records import read_record
 from .schema import TASKS, Sample, SampleError
@@ -21,6 +24,7 @@ from .tokenizer import IMG_PAD, QwenVLTokenizer, get_tokenizer
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
 DEFAULT_SEQ_LEN = {"pretrain": 512, "multitask": 2048, "sft": 2048}
+IMAGE_SIZE = {"pretrain": 224, "multitask": 448, "sft": 448}  # the stages' resolution
 
 
 def format_tokens(ids: list[int], labels: list[int], tok: QwenVLTokenizer) -> str:
@@ -59,6 +63,10 @@ def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len:
     """Print the first `n` samples of a shard; return counts by outcome. Records are read
     as the training loader reads them (`records.read_record`), task filter last so that a
     filtered sample still shows what it is."""
+    # Imported here: `qwenvl-data --help` must not load torch.
+    from .encode import encode_tokens
+    from .images import decode_images
+
     tok = get_tokenizer()
     index = index_tar(path)
     counts: dict[str, int] = {}
@@ -84,6 +92,9 @@ def inspect_shard(path: str, stage: str, n: int, num_image_tokens: int, seq_len:
                 continue
             try:
                 tokens = encode_tokens(sample, stage, tok, num_image_tokens, seq_len)
+                if draw_dir:  # the loader's decode step: an undecodable image skips the sample
+                    decode_images(sample, tokens.image_order, IMAGE_SIZE[stage],
+                                  max_pixels=max_image_pixels)
             except SampleError as e:
                 out(f"   SKIPPED {e.reason}: {e.msg}")
                 counts[e.reason] = counts.get(e.reason, 0) + 1
@@ -104,7 +115,11 @@ def _draw(sample: Sample, draw_dir: str, out) -> None:
 
     Path(draw_dir).mkdir(parents=True, exist_ok=True)
     dest = Path(draw_dir) / f"{sample.key.replace('/', '_')}.png"
-    draw_sample(sample, dest)  # decodes the image bytes `read_record` left in the sample
+    try:  # decodes every image of the record, also any that its text does not use
+        draw_sample(sample, dest)
+    except (OSError, SyntaxError, ValueError) as e:  # how PIL reports undecodable data
+        out(f"    not drawn: bad_image: {e}")
+        return
     out(f"    drawn: {dest}")
 
 
@@ -131,5 +146,6 @@ def register(subparsers) -> None:
                    help="skip images declared larger, as data.max_image_pixels does "
                         f"(default {MAX_IMAGE_PIXELS})")
     p.add_argument("--draw", metavar="DIR", default=None,
-                   help="also draw each sample's images with its boxes into DIR")
+                   help="also draw each sample's images with its boxes into DIR (decodes "
+                        "them: a sample whose image does not decode is skipped as bad_image)")
     p.set_defaults(func=_handler)

@@ -39,12 +39,14 @@ workers are relabelled so that physical worker 0 continues that stream.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import ALL_SHARDS, DataConfig, SourceConfig
-from .reader import expand_shards
+from .config import DataConfig
+from .reader import expand_sources
 from .shards import read_manifests
 from .stream import DataError, LoaderSpec, Stream, new_stats
 from .templates import ACCEPTS
@@ -67,11 +69,24 @@ class _StreamDataset(IterableDataset):
             yield batch, local, cursor
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    """torchrun and SLURM signal the whole process group on preemption; a worker that died
-    of that SIGTERM would make the trainer fail before it can save its checkpoint. The
-    trainer owns shutdown: workers ignore SIGTERM and end with their parent."""
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """torchrun and SLURM signal the whole process group on preemption (SIGTERM), and so
+    does the terminal on Ctrl-C (SIGINT); a worker that died of it would make the trainer
+    fail before it can save its checkpoint. The trainer owns shutdown: workers ignore both
+    and end with their parent."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def workers_for_this_machine(requested: int) -> int:
+    """`requested` loader workers, at most one per CPU this process may use: more only
+    compete for the same cores (DataLoader warns). Logged when it caps."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if requested > (cpus or 1):
+        log.info("data: %d loader workers asked for (data.num_workers), %d CPU(s) available "
+                 "to this process: using %d", requested, cpus or 1, cpus or 1)
+        return cpus or 1
+    return requested
 
 
 def _identity(x):
@@ -93,9 +108,12 @@ class TrainLoader:
         if spec.num_workers == 0:
             it = iter(ds)
         else:
+            # Own generator: the workers' base seed must not be drawn from the global RNG,
+            # which the model uses (dropout) and a checkpoint restores before this runs.
             it = iter(DataLoader(ds, batch_size=None, num_workers=spec.num_workers,
                                  collate_fn=_identity, prefetch_factor=spec.prefetch_factor,
-                                 worker_init_fn=_ignore_sigterm))
+                                 worker_init_fn=_ignore_stop_signals,
+                                 generator=torch.Generator()))
         for batch, local, cursor in it:
             self._cursors[local] = cursor
             self._yielded += 1
@@ -156,19 +174,18 @@ class TrainLoader:
 
 
 def resolve_sources(cfg: DataConfig, template: str) -> list[tuple[str, list[str], float]]:
-    """Step 1: expand patterns; drop shards (and sources) the template cannot use."""
-    manifests = read_manifests(cfg.root) if cfg.use_manifests else {}
+    """Step 1: expand patterns (a source that matches nothing is an error naming it, as
+    the launch check `config.validate_launch` reports it); drop shards (and sources) the
+    template cannot use."""
+    sources = expand_sources(cfg)
+    folders = {os.path.dirname(s) for _, shards, _ in sources for s in shards}
+    manifests = read_manifests(cfg.root, folders) if cfg.use_manifests else {}
     out = []
-    sources = cfg.sources or {"all": SourceConfig(ALL_SHARDS, 1.0)}
-    for name, src in sources.items():
-        shards = expand_shards(cfg.root, src.shards)
-        if not shards:
-            raise ValueError(f"data.sources.{name}.shards: {src.shards!r} matches no .tar "
-                             f"under data.root={cfg.root!r}")
+    for name, shards, weight in sources:
         usable = [s for s in shards if s not in manifests
                   or set(manifests[s].get("tasks", {})) & ACCEPTS[template]]
         if usable:
-            out.append((name, usable, float(src.weight)))
+            out.append((name, usable, weight))
         else:
             log.info("data: source %s has no %s-template tasks; not used", name, template)
     if not out:
@@ -183,14 +200,16 @@ def build_loader(data: DataConfig, tokenizer: QwenVLTokenizer, *, template: str,
                  num_workers: int | None = None) -> TrainLoader:
     """The trainer's entry point (docs/contracts.md). `data` has passed
     `DataConfig.validate` (config loading runs it); template, image_size, seq_len and pack
-    are the stage's. `num_workers` defaults to `data.num_workers`."""
+    are the stage's. `num_workers` defaults to `data.num_workers`, capped at the CPUs this
+    process may use."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
     spec = LoaderSpec(
         root=data.root, sources=resolve_sources(data, template), template=template,
         image_size=image_size, seq_len=seq_len, pack=pack, num_image_tokens=num_image_tokens,
         micro_batch_size=micro_batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-        num_workers=data.num_workers if num_workers is None else num_workers,
+        num_workers=workers_for_this_machine(data.num_workers) if num_workers is None
+        else num_workers,
         prefetch_factor=data.prefetch_factor, shuffle=data.shuffle,
         max_consecutive_bad=data.max_consecutive_bad, max_image_pixels=data.max_image_pixels,
         pack_buffer=data.pack_buffer, pad_to_multiple_of=data.pad_to_multiple_of)

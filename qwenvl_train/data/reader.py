@@ -17,21 +17,62 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from qwenvl_train.checks import ConfigError
+
+from .config import DataConfig
 from .schema import IMAGE_EXTS
 
 _IMAGE_MEMBER = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTS) + r")$")
 
 
 def expand_shards(root: str | Path, patterns: str) -> list[str]:
-    """Shard paths relative to `root` for whitespace-separated brace/glob patterns, sorted."""
+    """Shard paths for whitespace-separated brace/glob patterns, sorted: relative to `root`
+    for relative patterns, absolute for absolute ones (`~` is the home folder)."""
     root = Path(root)
     found: set[str] = set()
     for pattern in patterns.split():
-        for pat in braceexpand(pattern):
-            for p in glob.glob(str(root / pat), recursive=True):
+        for pat in braceexpand(os.path.expanduser(pattern)):
+            absolute = os.path.isabs(pat)
+            for p in glob.glob(pat if absolute else str(root / pat), recursive=True):
                 if p.endswith(".tar") and os.path.isfile(p):
-                    found.add(Path(p).relative_to(root).as_posix())
+                    found.add(Path(p).as_posix() if absolute
+                              else Path(p).relative_to(root).as_posix())
     return sorted(found)
+
+
+def expand_sources(cfg: DataConfig) -> list[tuple[str, list[str], float]]:
+    """(name, shard paths, weight) of every source of `cfg` (`DataConfig.all_sources`).
+    A source that matches no shard is an error; one ConfigError names every such source
+    with its pattern, and where relative patterns start (`data.root`)."""
+    out, missing = [], []
+    for name, (key, src) in cfg.all_sources().items():
+        shards = expand_shards(cfg.root, src.shards)
+        if shards:
+            out.append((name, shards, float(src.weight)))
+        else:
+            missing.append((key, src.shards))
+    if not missing:
+        return out
+    root = Path(cfg.root)
+    exists = root.is_dir()
+    absolute = [os.path.isabs(os.path.expanduser(p))
+                for _, patterns in missing for p in patterns.split()]
+    all_relative, all_absolute = not any(absolute), all(absolute)
+    if not out and all_relative and not (exists and any(root.rglob("*.tar"))):
+        where = "holds no shards (*.tar)" if exists else "does not exist"
+        demo = f"build the demo set with `qwenvl-data demo --out {root}`, or " \
+            if cfg.name == "demo" else ""
+        raise ConfigError(
+            f"data.root: {str(root)!r} {where}; {demo}convert your data with `qwenvl-data "
+            "convert` (data_recipes/README.md) and point data.root (or QWENVL_DATA) at it")
+    lines = [f"  {key}: {pattern!r}" for key, pattern in missing]
+    where = "" if all_absolute else (f" (relative patterns start at data.root={str(root)!r}"
+                                     f"{'' if exists else ', which does not exist'})")
+    raise ConfigError(
+        f"data: {len(missing)} of {len(missing) + len(out)} data source(s) match no .tar "
+        f"file{where}:\n" + "\n".join(lines)
+        + "\nFix the path, drop a source you do not have (~data.sources.NAME), or train on "
+        "just your shards: data=shards data.shards='[/path/a/*.tar,/path/b/*.tar:0.5]'")
 
 
 @dataclass

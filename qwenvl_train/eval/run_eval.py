@@ -6,15 +6,12 @@ Prompts are the base model's (stage-2 multitask format, as in the official evalu
 `<img>..</img><ref>{expression}</ref><box>`. Each QA pair / referring expression of a
 record is one independent eval item.
 
-CLI (`qwenvl-data eval`): `eval --export DIR --shards PATTERN --task vqa|grounding|caption
-[--limit N]`; DIR is a consolidated export (`model/weights.export_consolidated`).
+The command line is `qwenvl-eval` (qwenvl_train/cli/eval.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +30,7 @@ from qwenvl_train.data.templates import PROMPTS, ImageSlot, Piece, Special
 from qwenvl_train.eval import metrics
 from qwenvl_train.eval.generate import generate, stop_ids
 from qwenvl_train.eval.parse import box_to_pixels, parse_boxes
-
-EVAL_TASKS = ("caption", "vqa", "grounding")
-# Record tasks each eval task reads.
-_RECORD_TASKS = {"caption": {"caption"}, "vqa": {"vqa"},
-                 "grounding": {"grounding", "ref_grounding"}}
-# Generation budgets of the official evaluation scripts.
-MAX_NEW_TOKENS = {"caption": 30, "vqa": 10, "grounding": 28}
+from qwenvl_train.eval.tasks import EVAL_TASKS, MAX_NEW_TOKENS, RECORD_TASKS
 
 
 @dataclass
@@ -106,7 +97,7 @@ def iter_items(shards: Sequence[str], task: str, counts: dict[str, int], *,
             for entry in index.entries:
                 try:
                     record = read_record(entry, f, max_image_pixels=max_image_pixels,
-                                         tasks=_RECORD_TASKS[task])
+                                         tasks=RECORD_TASKS[task])
                     if record is not None:
                         yield from _items_of(task, record)
                 except (SampleError, ValueError, KeyError) as e:
@@ -206,49 +197,14 @@ def evaluate(model, shards: str | Sequence[str], task: str, *, root: str | Path 
     return out
 
 
-# ---------------------------------------------------------------- CLI
-
 def load_export(export: str | Path, image_size: int, device: str = "cpu",
                 dtype: torch.dtype = torch.float32):
     """Build the model described by an export's `config.json` and load its weights."""
-    from qwenvl_train.model import QwenVLConfig, build_model
+    from qwenvl_train.model.config import QwenVLConfig
+    from qwenvl_train.model.qwenvl import build_model
     from qwenvl_train.model.weights import load_consolidated
 
     cfg = QwenVLConfig.from_dict(json.loads((Path(export) / "config.json").read_text()))
     model = build_model(cfg, image_size)
     load_consolidated(model, export)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def _handler(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_export(args.export, args.image_size, device, getattr(torch, args.dtype))
-    result = evaluate(model, args.shards, args.task, root=args.root, limit=args.limit,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      return_predictions=bool(args.predictions))
-    if args.predictions:
-        Path(args.predictions).write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.pop("predictions")))
-    json.dump(result, sys.stdout, indent=1)
-    print()
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate an exported model on shards",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True, help="consolidated export directory")
-    p.add_argument("--shards", required=True, help="shard pattern(s), brace/glob, space-separated")
-    p.add_argument("--root", default=".", help="directory relative patterns start from")
-    p.add_argument("--task", choices=EVAL_TASKS, required=True)
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=448, help="input resolution (stage 2/3: 448)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default per task: caption 30, vqa 10, grounding 28")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--predictions", metavar="JSONL", default=None,
-                   help="also write one JSON line per item here")
-    p.set_defaults(func=_handler)

@@ -1,6 +1,6 @@
 """The position-aware VL adapter: one cross-attention from learned queries to ViT features.
 
-Exactness (RECIPE.md): x = ln_kv(kv_proj(x)); query = ln_q(query) + pos_embed (never
+Exactness (docs/recipe.md): x = ln_kv(kv_proj(x)); query = ln_q(query) + pos_embed (never
 resized); key = x + pos_embed bicubic-resized to the kv grid; value = x; no residual, no
 MLP; then `ln_post(out) @ proj` with proj shaped (in, out). The fixed 2D sin-cos table is a
 persistent buffer: saved and loaded with the weights but never trained (a frozen Parameter

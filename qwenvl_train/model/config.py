@@ -1,7 +1,7 @@
 """Model configuration: one small dataclass per component, mirroring `configs/model/*.yaml`.
 
 Every class is an OmegaConf structured schema (plain types, Optional, nested dataclasses,
-a default on every field). Defaults are the released Qwen-VL 9.6B (RECIPE.md).
+a default on every field). Defaults are the released Qwen-VL 9.6B (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -11,13 +11,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenvl_train.model.groups import ADAPTER, VIT
+from qwenvl_train.model.lora_config import LoRAConfig
 from qwenvl_train.tokens import IMG_PAD_ID
 
 # auto: flash_attention_2 on CUDA when flash_attn is installed, else flex on CUDA, else sdpa
 # (model/attention.py:resolve_attn_implementation).
 ATTN_IMPLEMENTATIONS = ("auto", "flex", "flash_attention_2", "sdpa", "eager")
-POST_GROUPS = ("vit", "adapter")
 CHUNKED_LOSS = ("auto", "true", "false")  # auto: on when the model trains on CUDA
+POST_GROUPS = (VIT, ADAPTER)  # where adapter.ln_post/proj may belong (groups.py)
+# config: the sizes below as written; from_weights: read from the weight sources' configs
+# (model/source_config.py) before the model is built.
+SIZES = ("config", "from_weights")
+EXPORT_FORMATS = ("consolidated", "released", "hf_llm")
 
 
 def _err(prefix: str, key: str, msg: str) -> ValueError:
@@ -120,6 +126,24 @@ class WeightsConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What a finished run writes under run_dir/export (model/export.py): `consolidated`
+    (model.safetensors + config.json, our names; what init_from reads), `released` (the
+    released Qwen-VL layout in export/released/), `hf_llm` (export/llm/, the LLM as a
+    transformers directory with its tokenizer)."""
+
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    max_shard_gb: float = 2.0  # size of one safetensors shard of the released layout
+
+    def validate(self, prefix: str = "export") -> None:
+        for fmt in self.formats:
+            if fmt not in EXPORT_FORMATS:
+                raise _err(prefix, "formats", f"{fmt!r} is not a format; choose from "
+                           f"{list(EXPORT_FORMATS)}")
+        _positive(self, prefix, "max_shard_gb")
+
+
+@dataclass
 class GradCkptConfig:
     """Activation checkpointing per part; `*_every: k` checkpoints layers 0, k, 2k, ... only
     (selective: 1 = every layer, the most memory saved; larger k = less recompute)."""
@@ -146,6 +170,7 @@ class GradCkptConfig:
 @dataclass
 class QwenVLConfig:
     name: str = "qwenvl_7b"
+    sizes: str = "config"  # config | from_weights
     vision: VisionConfig = field(default_factory=VisionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -154,6 +179,7 @@ class QwenVLConfig:
     compile: bool = False  # torch.compile each ViT block and LLM decoder layer
     gradient_checkpointing: GradCkptConfig = field(default_factory=GradCkptConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # applied after the weights load
 
     def validate(self, prefix: str = "model") -> None:
         self.vision.validate(f"{prefix}.vision")
@@ -161,6 +187,9 @@ class QwenVLConfig:
         self.llm.validate(f"{prefix}.llm")
         self.gradient_checkpointing.validate(f"{prefix}.gradient_checkpointing")
         self.weights.validate(f"{prefix}.weights")
+        if self.sizes not in SIZES:
+            raise _err(prefix, "sizes", f"must be one of {SIZES}, got {self.sizes!r}")
+        self.lora.validate(f"{prefix}.lora")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise _err(prefix, "attn_implementation",
                        f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")

@@ -10,7 +10,7 @@ pipeline placement or a checkpoint conversion:
   pipeline placement and parameter names     pipeline_slots (parallel/pipeline.py, partition.py)
   tensor-parallel column/row linears         tensor_parallel_plan (parallel/tensor_parallel.py)
   checkpoint conversion, our side            the names below, `local` (model/weights.py)
-  LoRA targets                               lora_targets
+  LoRA targets, LoRA parameter names         lora_targets, LORA_A/LORA_B, is_lora
 
 Naming contract of `QwenVL` (qwenvl.py, vision.py, adapter.py; the LLM is transformers'):
   vit.{conv1, positional_embedding, ln_pre}                 -> vit (layer-decay depth 0)
@@ -231,6 +231,15 @@ def tensor_parallel_plan(model_cfg: QwenVLConfig) -> dict[str, str]:
 
 
 LORA_DEFAULT_PARTS: tuple[str, ...] = ("llm",)
+# The rank-r matrices a LoRA layer adds beside its linear's `weight`/`bias` (model/lora.py):
+# `{target}.lora_A` [rank, in] and `{target}.lora_B` [out, rank]. They belong to the group
+# of the linear they adapt (LR scale, layer decay, logging).
+LORA_A, LORA_B = "lora_A", "lora_B"
+
+
+def is_lora(name: str) -> bool:
+    """A LoRA matrix (of any target), by parameter name."""
+    return name.rpartition(".")[2] in (LORA_A, LORA_B)
 
 
 def lora_targets(model_cfg: QwenVLConfig,
@@ -262,14 +271,17 @@ class GroupCount:
     trainable: int
 
 
-def set_trainable(model: nn.Module, trainable: Iterable[str], post_group: str = "vit") -> None:
-    """requires_grad=True exactly for the parameters of the named groups."""
-    trainable = set(trainable)
-    unknown = trainable - set(GROUPS)
+def set_trainable(model: nn.Module, trainable: Iterable[str], post_group: str = "vit",
+                  lora_parts: Iterable[str] = ()) -> None:
+    """requires_grad=True exactly for the parameters of the named groups; in a group of
+    `lora_parts` (LoRA on; model/lora_config.py) only for its LoRA matrices."""
+    trainable, lora_parts = set(trainable), set(lora_parts)
+    unknown = (trainable | lora_parts) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown module group(s) {sorted(unknown)}; allowed: {GROUPS}")
     for name, param in model.named_parameters():
-        param.requires_grad_(group_of(name, post_group) in trainable)
+        group = group_of(name, post_group)
+        param.requires_grad_(group in trainable and (group not in lora_parts or is_lora(name)))
 
 
 def _numel(param: Any) -> int:

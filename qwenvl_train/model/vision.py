@@ -1,6 +1,6 @@
 """The vision tower: the released Qwen-VL ViT (OpenCLIP ViT-bigG/14 trunk without CLS).
 
-Exactness (RECIPE.md): conv patch embed without bias; a learned 16x16 position table that
+Exactness (docs/recipe.md): conv patch embed without bias; a learned 16x16 position table that
 is bicubic-resized (fp32, align_corners=False, no antialias) whenever the patch grid differs
 and added before `ln_pre`; pre-LN blocks with exact GELU; LayerNorm eps from the config
 (1e-6). The attention `in_proj` keeps the released per-head row layout `[q_h | k_h | v_h]`

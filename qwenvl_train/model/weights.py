@@ -4,8 +4,11 @@ Import (each copies into an already built `QwenVL`, checking every name and shap
   OpenCLIP ViT-bigG/14 (`visual.*`)            -> vit          (stage-1 init)
   HF Qwen2/Qwen2.5 dir, or Qwen v1 checkpoint   -> llm          (stage-1 init)
   released Qwen-VL / Qwen-VL-Chat checkpoint    -> vit, adapter, llm
-Export: `model.safetensors` (our names) + `config.json` (QwenVLConfig) + `llm/` as a plain
-transformers directory.
+Every tensor of a source is accounted for: loaded, a known buffer (skipped with a log line),
+or an error naming the key and its file.
+Export: `model.safetensors` (our names) + `config.json` (QwenVLConfig) + `llm/` as a
+transformers directory (hf_export.py); the released layout is released.py, the inverse of
+the importers here; model/export.py writes the formats a run asks for.
 Our side of every mapping is the registry's names (`groups.py`, as seen inside each group's
 module: `groups.local`); the source layouts' names are written here. ViT block internals
 (ln_1, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj) are named alike in OpenCLIP, the released
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,15 +32,37 @@ from torch import nn
 
 from qwenvl_train.model import groups as G
 from qwenvl_train.model.config import QwenVLConfig, WeightsConfig
+from qwenvl_train.model.source_config import weight_files
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
-                 "open_clip_pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Names inside `model.llm` (a transformers causal LM) of the vocabulary-sized tensors.
 _LLM_EMBED_W = f"{G.local(G.LLM_EMBED)}.weight"
 _LLM_HEAD_W = f"{G.local(G.LLM_HEAD)}.weight"
+
+# ---- the source layouts' names ----------------------------------------------------------
+# Every tensor of a Qwen v1 LLM (`transformer.*` + `lm_head`) and of the released vision
+# tower (`transformer.visual.*`). Anything else in such a checkpoint is a known buffer
+# (skipped) or an error naming key and file: never silently dropped.
+V1_LLM_KEY = re.compile(
+    r"^(lm_head\.weight|transformer\.(wte\.weight|ln_f\.weight|h\.\d+\.(ln_1\.weight"
+    r"|ln_2\.weight|attn\.c_attn\.(weight|bias)|attn\.c_proj\.weight|mlp\.(w1|w2|c_proj)\.weight)))$")
+RELEASED_VISUAL_KEY = re.compile(
+    r"^transformer\.visual\.(conv1\.weight|positional_embedding|proj|(ln_pre|ln_post)\.(weight|bias)"
+    r"|transformer\.resblocks\.\d+\.(ln_1|ln_2|attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
+    r"\.(weight|bias)|attn_pool\.(query|pos_embed|kv_proj\.weight|attn\.in_proj_(weight|bias)"
+    r"|(ln_q|ln_kv|attn\.out_proj)\.(weight|bias)))$")
+# Buffers older Qwen / Qwen2 code saved with the weights (rotary tables, attention masks):
+# recomputed by every implementation, so skipped by name (with a log line).
+KNOWN_BUFFER = re.compile(
+    r"^(transformer\.(h\.\d+\.attn\.)?rotary_emb\.inv_freq|transformer\.h\.\d+\.attn\.(masked_bias|bias)"
+    r"|model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq)$")
+# Qwen v1 decoder-layer modules -> ours. v1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the
+# gated branch (gate_proj), w1 the linear one. (c_attn, fused [Q | K | V], is split apart.)
+V1_LAYER_MODULES = {"ln_1": G.LLM_LAYER.attn_norm, "ln_2": G.LLM_LAYER.mlp_norm,
+                    "attn.c_proj": G.LLM_LAYER.o, "mlp.w1": G.LLM_LAYER.up,
+                    "mlp.w2": G.LLM_LAYER.gate, "mlp.c_proj": G.LLM_LAYER.down}
+V1_QKV = "attn.c_attn"
 
 
 # ---- reading checkpoints ----------------------------------------------------------------
@@ -46,24 +73,42 @@ def _read_file(path: Path) -> StateDict:
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
+def read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, Path]]:
+    """A checkpoint file, or a directory with one file or a sharded index (.bin or
+    .safetensors): its tensors, and the file each came from (for error messages)."""
+    sd: StateDict = {}
+    origin: dict[str, Path] = {}
+    for file in weight_files(path):
+        part = _read_file(file)
+        sd.update(part)
+        origin.update(dict.fromkeys(part, file))
+    return sd, origin
+
+
 def read_state_dict(path: str | Path) -> StateDict:
-    """A checkpoint file, or a directory with one file or a sharded index (.bin/.safetensors)."""
-    path = Path(path)
-    if path.is_file():
-        return _read_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    for name in _INDEX_FILES:
-        if (path / name).is_file():
-            shards = sorted(set(json.loads((path / name).read_text())["weight_map"].values()))
-            out: StateDict = {}
-            for shard in shards:
-                out.update(_read_file(path / shard))
-            return out
-    for name in _SINGLE_FILES:
-        if (path / name).is_file():
-            return _read_file(path / name)
-    raise FileNotFoundError(f"{path} holds none of {_INDEX_FILES + _SINGLE_FILES}")
+    return read_checkpoint(path)[0]
+
+
+def drop_known_buffers(sd: Mapping[str, torch.Tensor], path: str | Path) -> StateDict:
+    """`sd` without the known buffers (`KNOWN_BUFFER`), saying what was skipped."""
+    skipped = [k for k in sd if KNOWN_BUFFER.match(k)]
+    if skipped:
+        kinds = Counter(re.sub(r"\.\d+\.", ".N.", k) for k in skipped)
+        log.info("%s: skipping %d buffer(s) that hold no weights: %s", path, len(skipped),
+                 ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())))
+    return {k: v for k, v in sd.items() if k not in set(skipped)}
+
+
+def reject_unknown(unknown: Iterable[str], origin: Mapping[str, Path], what: str) -> None:
+    """Refuse tensors an importer does not know, naming each key and its file."""
+    unknown = sorted(unknown)
+    if unknown:
+        listed = "; ".join(f"{k} (in {origin.get(k, '?')})" for k in unknown[:8])
+        more = f"; and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise ValueError(
+            f"{what}: {len(unknown)} tensor(s) that are neither weights of this layout nor "
+            f"known buffers (rotary inv_freq, attention masked_bias/bias): {listed}{more}. "
+            "Loading would drop them silently; remove them or convert the checkpoint.")
 
 
 # ---- layout conversion (pure functions on state dicts) ----------------------------------
@@ -95,12 +140,7 @@ def convert_openclip_vit(sd: Mapping[str, torch.Tensor], heads: int) -> StateDic
 
 
 def convert_qwen_v1_llm(sd: Mapping[str, torch.Tensor], prefix: str = "transformer.") -> StateDict:
-    """Qwen (v1) decoder -> Qwen2 names (relative to `llm.`). v1's MLP is
-    c_proj(w1(x) * silu(w2(x))): w2 is the gated branch (gate_proj), w1 the linear one."""
-    layer_names = G.LLM_LAYER
-    rename = {"ln_1": layer_names.attn_norm, "ln_2": layer_names.mlp_norm,
-              "attn.c_proj": layer_names.o, "mlp.w1": layer_names.up,
-              "mlp.w2": layer_names.gate, "mlp.c_proj": layer_names.down}
+    """Qwen (v1) decoder -> Qwen2 names (relative to `llm.`), by `V1_LAYER_MODULES`."""
     out: StateDict = {}
     for key, value in sd.items():
         if not key.startswith(prefix) or key.startswith(prefix + "visual."):
@@ -114,12 +154,12 @@ def convert_qwen_v1_llm(sd: Mapping[str, torch.Tensor], prefix: str = "transform
             _, layer, rest = key.split(".", 2)
             base = f"{G.local(G.llm_layer(int(layer)))}."
             module, param = rest.rsplit(".", 1)
-            if module == "attn.c_attn":  # fused [Q | K | V] rows, with bias
-                qkv = (layer_names.q, layer_names.k, layer_names.v)
+            if module == V1_QKV:  # fused [Q | K | V] rows, with bias
+                qkv = (G.LLM_LAYER.q, G.LLM_LAYER.k, G.LLM_LAYER.v)
                 for name, part in zip(qkv, value.chunk(3), strict=True):
                     out[f"{base}{name}.{param}"] = part
             else:
-                out[f"{base}{rename[module]}.{param}"] = value
+                out[f"{base}{V1_LAYER_MODULES[module]}.{param}"] = value
     if "lm_head.weight" in sd:
         out[_LLM_HEAD_W] = sd["lm_head.weight"]
     return out
@@ -180,6 +220,10 @@ def tensors_of(module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, torch
     return {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in skip}
 
 
+class WeightsMismatch(ValueError):
+    """A checkpoint whose names or shapes do not fit the built model."""
+
+
 def load_into(targets: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], what: str,
               vocab_keys: tuple[str, ...] = ()) -> None:
     """Copy `sd` into `targets` by name; names must match exactly, shapes too (vocab rows of
@@ -187,7 +231,7 @@ def load_into(targets: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor
     missing = sorted(set(targets) - set(sd))
     unexpected = sorted(set(sd) - set(targets))
     if missing or unexpected:
-        raise ValueError(f"{what}: checkpoint does not match the model; missing "
+        raise WeightsMismatch(f"{what}: checkpoint does not match the model; missing "
                          f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
                          f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     for name, dst in targets.items():
@@ -196,7 +240,7 @@ def load_into(targets: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor
         if name in vocab_keys:
             src = fit_vocab(src, shape[0])
         if tuple(src.shape) != shape:
-            raise ValueError(f"{what}: {name} has shape {tuple(src.shape)} in the checkpoint, "
+            raise WeightsMismatch(f"{what}: {name} has shape {tuple(src.shape)} in the checkpoint, "
                              f"{shape} in the model")
         _copy_(dst, src)
 
@@ -227,15 +271,33 @@ def load_vit_openclip(model: nn.Module, path: str | Path) -> None:
     load_into(tensors_of(model.vit), sd, f"OpenCLIP ViT {path}")
 
 
+def _is_v1(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("transformer.h.") for k in sd)
+
+
 def load_llm(model: nn.Module, path: str | Path) -> None:
     """HF Qwen2/Qwen2.5 directory (model.*, lm_head) or a Qwen v1 checkpoint (transformer.*)."""
-    sd = _llm_state(read_state_dict(path), model.llm)
+    sd, origin = read_checkpoint(path)
+    sd = drop_known_buffers(sd, path)
+    if _is_v1(sd):
+        visual = [k for k in sd if RELEASED_VISUAL_KEY.match(k)]
+        if visual:
+            log.info("%s: ignoring its %d transformer.visual.* tensors (model.weights.qwenvl "
+                     "loads a whole Qwen-VL)", path, len(visual))
+        unknown = [k for k in sd if not (V1_LLM_KEY.match(k) or RELEASED_VISUAL_KEY.match(k))]
+    else:
+        unknown = set(sd) - set(tensors_of(model.llm))
+    reject_unknown(unknown, origin, f"LLM {path}")
+    sd = _llm_state(sd, model.llm)
     load_into(_llm_targets(model.llm), sd, f"LLM {path}", vocab_keys=_VOCAB_KEYS)
 
 
 def load_qwenvl(model: nn.Module, path: str | Path) -> None:
     """Released Qwen-VL / Qwen-VL-Chat (`transformer.visual.*` + Qwen v1 LLM) -> whole model."""
-    sd = read_state_dict(path)
+    sd, origin = read_checkpoint(path)
+    sd = drop_known_buffers(sd, path)
+    reject_unknown([k for k in sd if not (V1_LLM_KEY.match(k) or RELEASED_VISUAL_KEY.match(k))],
+                   origin, f"Qwen-VL {path}")
     vit, adapter = convert_released_visual(sd)
     dim, width = model.config.adapter.embed_dim, model.config.vision.width
     kv_proj = f"{G.local(G.ADAPTER_KV_PROJ)}.weight"
@@ -247,42 +309,64 @@ def load_qwenvl(model: nn.Module, path: str | Path) -> None:
               vocab_keys=_VOCAB_KEYS)
 
 
+_SIZE_HINT = ("\nThe checkpoint's sizes differ from the model's: model.sizes=from_weights (or "
+              "model=from_weights) takes them from its config; the released Qwen-VL is "
+              "model=qwenvl_7b.")
+
+
 def load_init_weights(model: nn.Module, weights: WeightsConfig) -> list[str]:
     """Apply `model.weights.*`: the whole released model first, then per-part overrides."""
     done = []
-    if weights.qwenvl:
-        load_qwenvl(model, weights.qwenvl)
-        done.append(f"qwenvl <- {weights.qwenvl}")
-    if weights.vit:
-        load_vit_openclip(model, weights.vit)
-        done.append(f"vit <- {weights.vit}")
-    if weights.llm:
-        load_llm(model, weights.llm)
-        done.append(f"llm <- {weights.llm}")
+    steps = ((weights.qwenvl, "qwenvl", load_qwenvl), (weights.vit, "vit", load_vit_openclip),
+             (weights.llm, "llm", load_llm))
+    for path, name, load in steps:
+        if not path:
+            continue
+        try:
+            load(model, path)
+        except WeightsMismatch as e:
+            raise WeightsMismatch(f"{e}{_SIZE_HINT}") from None
+        done.append(f"{name} <- {path}")
     for line in done:
         log.info("loaded %s", line)
     return done
 
 
 # ---- consolidated export ----------------------------------------------------------------
-def export_consolidated(model: nn.Module, config: QwenVLConfig, out_dir: str | Path,
-                        state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write `model.safetensors`, `config.json` and `llm/` (transformers save_pretrained).
-    Pass `state_dict` when the model's own tensors are partitioned (ZeRO-3)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = dict(state_dict if state_dict is not None else model.state_dict())
+def cpu_tensors(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Detached, contiguous CPU tensors; a tensor sharing storage with an earlier one (tied
+    weights) becomes its own copy, since safetensors refuses shared storage."""
     seen: set[int] = set()
-    tensors: StateDict = {}
-    for key, value in sd.items():
+    out: StateDict = {}
+    for key, value in state.items():
         value = value.detach().cpu().contiguous()
         ptr = value.untyped_storage().data_ptr()
-        tensors[key] = value.clone() if ptr in seen else value  # tied weights share storage
+        out[key] = value.clone() if ptr in seen else value
         seen.add(ptr)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def write_consolidated(tensors: Mapping[str, torch.Tensor], config: QwenVLConfig,
+                       out_dir: str | Path) -> Path:
+    """`model.safetensors` (our names) + `config.json` (QwenVLConfig): what init_from reads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dict(tensors), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    llm_sd = {G.local(k): v for k, v in tensors.items() if k.startswith(G.LLM + ".")}
-    model.llm.save_pretrained(str(out / "llm"), state_dict=llm_sd)
+    return out
+
+
+def export_consolidated(model: nn.Module, config: QwenVLConfig, out_dir: str | Path,
+                        state_dict: Mapping[str, torch.Tensor] | None = None,
+                        chat: bool = False) -> Path:
+    """Write `model.safetensors`, `config.json` and `llm/` (a complete transformers
+    directory, model/hf_export.py). Pass `state_dict` when the model's own tensors are
+    partitioned (ZeRO-3); `chat` makes `<|im_end|>` the LLM's stop token."""
+    from qwenvl_train.model.hf_export import save_hf_llm
+
+    tensors = cpu_tensors(state_dict if state_dict is not None else model.state_dict())
+    out = write_consolidated(tensors, config, out_dir)
+    save_hf_llm(model.llm, tensors, out / "llm", chat=chat)
     return out
 
 
@@ -295,6 +379,7 @@ def load_consolidated(model: nn.Module, path: str | Path) -> None:
     own = getattr(model, "config", None)
     if cfg_file.is_file() and isinstance(own, QwenVLConfig):
         saved = QwenVLConfig.from_dict(json.loads(cfg_file.read_text()))
+        saved.adapter.post_group = own.adapter.post_group  # a stage's choice, not a size
         for part in ("vision", "adapter", "llm"):
             if getattr(saved, part) != getattr(own, part):
                 raise ValueError(f"{file}: model.{part} differs from the export's: "

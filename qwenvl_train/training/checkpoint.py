@@ -5,6 +5,8 @@ Layout of `run_dir/checkpoints/`:
                           and `trainer_rank{r}.pt` (step, loader position, RNG) per rank
   latest                  the tag of the newest COMPLETE checkpoint; moved last, atomically
 A crash during a save leaves `latest` pointing at the previous complete checkpoint.
+Only trainable tensors are saved (with LoRA: its matrices and the fully trained groups);
+frozen ones come from the model build on resume (`init_from` / `model.weights` / the seed).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qwenvl_train.training.faults import kill_if_armed
+from qwenvl_train.model.source_config import resolve_init_from  # noqa: F401 (torch-free home)
 
 LATEST = "latest"
+TRAINABLE = "trainable"  # names of this rank's trainable parameters, checked on resume
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -62,13 +66,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int) -> Path:
-    """Save on every rank; move `latest` only after every rank finished writing."""
+         keep_last: int, on_written: Callable[[Path], None] | None = None) -> Path:
+    """Save on every rank; move `latest` only after every rank finished writing.
+    `on_written(path)` runs once this rank's files are in `path`, before `latest` moves."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    kill_if_armed(f"kill_in_save:{step}")
-    torch.save({**trainer_state, "rng": rng_state()}, root / tag / f"trainer_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    torch.save({**trainer_state, "rng": rng_state(), TRAINABLE: _trainable_names(engine)},
+               root / tag / f"trainer_rank{rank}.pt")
+    if on_written is not None:
+        on_written(root / tag)
     dist.barrier()
     if rank == 0:
         tmp = root / f".{LATEST}.tmp"
@@ -89,11 +96,6 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
 def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     """Restore model, optimizer and scheduler through DeepSpeed; return this rank's state."""
     root = checkpoint_dir(run_dir)
-    load_path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     path = root / tag / f"trainer_rank{rank}.pt"
     if not path.exists():
         raise FileNotFoundError(
@@ -101,17 +103,32 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
             "resume with the same number of processes or start a new stage with init_from"
         )
     state = torch.load(path, weights_only=False)
+    _check_trainable(state.pop(TRAINABLE, None), engine, root / tag)
+    # Not strict: frozen tensors are not in the checkpoint (see `save`).
+    load_path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+        load_module_strict=False,
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     set_rng_state(state.pop("rng"))
     return state
 
 
-def resolve_init_from(path: str | Path) -> Path:
-    """The consolidated export a stage starts from: an export dir, or a run dir's export."""
-    path = Path(path)
-    for candidate in (path, path / "export"):
-        if (candidate / "model.safetensors").exists():
-            return candidate
-    raise FileNotFoundError(
-        f"init_from={path}: no model.safetensors in it or in {path / 'export'}; point it at "
-        "a finished stage's run_dir (exports at the end) or an export directory"
-    )
+def _trainable_names(engine) -> list[str]:
+    return [n for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _check_trainable(saved: list[str] | None, engine, where: Path) -> None:
+    """The checkpoint holds exactly the tensors this run trains (or the resume is refused)."""
+    if saved is None:  # written before the names were recorded
+        return
+    mine = _trainable_names(engine)
+    if set(saved) != set(mine):
+        missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        raise ValueError(
+            f"{where} was saved training other tensors than this run trains (stage.trainable "
+            f"or model.lora changed?): this run also trains {missing[:4]}, the checkpoint "
+            f"also has {extra[:4]}; resume with the saving run's config, or start a new "
+            "run_dir with init_from")
+

@@ -1,7 +1,9 @@
 """Optimizer parameter groups and the learning-rate schedule, derived from the group registry.
 
 Every trainable parameter lands in exactly one optimizer group keyed by (module group,
-ViT depth, weight decay or not). A group's LR is `schedule(step) * lr_scale`, where
+LoRA matrix or not, ViT depth, weight decay or not); LoRA matrices get groups of their own
+(`llm/lora/...`) with their module group's LR scale and the stage's weight decay. A group's
+LR is `schedule(step) * lr_scale`, where
 `lr_scale = stage.optim.group_lr_scale[group] * vit_layer_decay ** (depth_max - depth)` for
 ViT parameters (the last block trains at the full rate) and the group scale otherwise.
 Frozen parameters are not in the optimizer at all.
@@ -10,13 +12,15 @@ Frozen parameters are not in the optimizer at all.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from qwenvl_train.model.groups import group_of, layer_decay_scale, skips_weight_decay
+from qwenvl_train.model.groups import group_of, is_lora, layer_decay_scale, skips_weight_decay
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def build_param_groups(
     post_group: str = "vit",
 ) -> tuple[list[dict], list[ParamGroupInfo]]:
     """Optimizer groups for the trainable parameters (frozen ones are left out)."""
-    buckets: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
+    buckets: dict[tuple[str, bool, float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -71,11 +75,12 @@ def build_param_groups(
         if group == "vit" and vit_layer_decay != 1.0:
             scale *= layer_decay_scale(name, num_vit_layers, vit_layer_decay)
         no_decay = skips_weight_decay(name, param)
-        buckets.setdefault((group, scale, no_decay), []).append(param)
+        buckets.setdefault((group, is_lora(name), scale, no_decay), []).append(param)
     groups, infos = [], []
-    for (group, scale, no_decay), params in sorted(buckets.items(), key=lambda kv: kv[0]):
+    for (group, lora, scale, no_decay), params in sorted(buckets.items(), key=lambda kv: kv[0]):
         wd = 0.0 if no_decay else weight_decay
-        label = f"{group}/scale{scale:.4f}/{'no_decay' if no_decay else 'decay'}"
+        kind = "/lora" if lora else ""
+        label = f"{group}{kind}/scale{scale:.4f}/{'no_decay' if no_decay else 'decay'}"
         groups.append({"params": params, "weight_decay": wd, "lr_scale": scale, "name": label})
         numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
         infos.append(ParamGroupInfo(label, scale, wd, numel))
@@ -94,6 +99,22 @@ def build_optimizer(
         g["lr"] = lr * g["lr_scale"]
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
                              **({"fused": True} if fused else {}))
+
+
+@contextmanager
+def skipped_update(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside, `optimizer.step()` does nothing: no parameter, moment or step count changes.
+
+    Pass the torch optimizer DeepSpeed was given (`engine.basic_optimizer`): every wrapper
+    (ZeRO 1-3, bf16/fp16) updates through its `step`, so an `engine.step()` inside still
+    clips, zeroes the gradients and steps the schedule, but moves nothing (ZeRO copies its
+    unchanged fp32 partitions back into the parameters)."""
+    step = optimizer.step  # the bound method, or the LR scheduler's wrapper around it
+    optimizer.step = lambda *args, **kwargs: None  # this instance only
+    try:
+        yield
+    finally:
+        optimizer.step = step
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> LambdaLR:

@@ -1,6 +1,7 @@
 """Setting up a stage: distributed, data, model, freezing, optimizer, DeepSpeed, resume.
 
-`run(cfg)` is what `qwenvl-train` calls after the config passed validation.
+`run(cfg)` is what `qwenvl-train` calls after the config passed validation (including
+`config.validate_launch`: the layout, the batch arithmetic and the data on disk).
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,14 @@ import torch.distributed as dist
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
 from qwenvl_train.model import groups
+from qwenvl_train.model.source_config import (
+    frozen_random_parts,
+    frozen_random_warning,
+    resolve_init_from,
+)
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
+from qwenvl_train.training.callbacks import TrainerCallback, load_callbacks
 from qwenvl_train.training.optim import (
     Schedule,
     build_optimizer,
@@ -29,8 +36,8 @@ from qwenvl_train.training.optim import (
 )
 from qwenvl_train.training.parallel.engine import (
     DistInfo,
+    check_device_support,
     deepspeed_config,
-    grad_accumulation_steps,
     init_distributed,
     uses_bf16,
 )
@@ -45,16 +52,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
-    """Build the offline demo shards once (rank 0) when the data config asks for it."""
-    root = Path(cfg.data.root)
-    # Rank 0 alone decides and builds; every rank waits at the barrier either way.
-    if dist_info.is_main and cfg.data.build_demo_if_missing and not any(root.glob("*.tar")):
-        from data_recipes.demo import build_demo
-
-        log.info("building the demo data set in %s", root)
-        build_demo(root)
-    dist.barrier()
+def warn_demo_data(cfg: TrainConfig, dist_info: DistInfo) -> None:
     if dist_info.is_main and cfg.data.name == "demo" and cfg.model.name != "tiny":
         log.warning("model=%s is training on the CPU demo data set (data=demo); pass your "
                     "own data config, e.g. data=mixture_multitask", cfg.model.name)
@@ -76,11 +74,15 @@ def build_qwenvl(cfg: TrainConfig):
     with context:
         model = build_model(cfg.model, image_size=cfg.stage.image_size)
     if cfg.init_from:
-        source = ckpt.resolve_init_from(cfg.init_from)
+        source = resolve_init_from(cfg.init_from)
         log.info("initialising weights from %s", source)
         load_consolidated(model, source)
     else:
         load_init_weights(model, cfg.model.weights)
+    if cfg.model.lora.enabled:  # LoRA: on top of the loaded base weights (model/lora.py)
+        from qwenvl_train.model.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora, seed=cfg.seed)
     return model
 
 
@@ -93,7 +95,8 @@ def _zero3_init_config(cfg: TrainConfig) -> dict:
 def freeze(cfg: TrainConfig, model) -> None:
     """requires_grad from the stage's trainable groups; log counts; refuse empty groups."""
     post = cfg.model.adapter.post_group
-    groups.set_trainable(model, cfg.stage.trainable, post)
+    # LoRA targets train only their LoRA matrices (model/lora_config.py states the rule).
+    groups.set_trainable(model, cfg.stage.trainable, post, lora_parts=cfg.model.lora.parts)
     counts = groups.check_trainable_groups(model, cfg.stage.trainable, post)
     _, infos = param_groups_of(cfg, model)
     for name, c in counts.items():
@@ -130,58 +133,72 @@ def dummy_batch(cfg: TrainConfig) -> dict:
     }
 
 
-def export(cfg: TrainConfig, par, dist_info: DistInfo) -> Path:
-    """Consolidated weights of any layout -> run_dir/export (loadable by any layout)."""
-    from qwenvl_train.model.qwenvl import build_model
-    from qwenvl_train.model.weights import export_consolidated
-
-    state = par.full_state_dict()  # collective; full tensors on rank 0
-    out = Path(cfg.run_dir) / "export"
-    if dist_info.is_main:
-        with torch.device("meta"):  # names and the LLM config only; no memory
-            skeleton = build_model(cfg.model, image_size=cfg.stage.image_size)
-        export_consolidated(skeleton, cfg.model, out, state_dict=state)
-    dist.barrier()
-    return out
-
-
-def run(cfg: TrainConfig, resolved_config: dict) -> dict:
-    from qwenvl_train.data.loader import build_loader
-    from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
-    from qwenvl_train.training.parallel.parallelize import parallelize
-
-    dist_info = init_distributed()
-    run_dir = Path(cfg.run_dir)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2))
-    ensure_data(cfg, dist_info)
-
-    model = build_qwenvl(cfg)
-    freeze(cfg, model)
-    par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
-    dp_size = par.sizes.dp
-    accum = grad_accumulation_steps(cfg, dp_size)
+def build_engine(cfg: TrainConfig, par):
+    """Optimizer groups of the layout `par`, AdamW, the stage's schedule -> DeepSpeed engine."""
     param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
-    optimizer_check = (_optimizer_check(par.module, param_groups) if not par.is_pipeline
-                       else {})  # measured before DeepSpeed flattens the groups
     optim = cfg.stage.optim
     optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
                                 eps=optim.eps, fused=cfg.parallel.fused_adamw)
     schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
                         optim.schedule)
     scheduler = build_scheduler(optimizer, schedule)
-    engine = par.initialize(optimizer, scheduler, deepspeed_config(cfg, dp_size))
+    return par.initialize(optimizer, scheduler, deepspeed_config(cfg, par.sizes.dp))
+
+
+def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
+    """Full weights of any layout -> run_dir/export in `export.formats` (model/export.py);
+    returns where each format went (on rank 0; empty elsewhere)."""
+    from qwenvl_train.model.export import export_model
+    from qwenvl_train.model.lora import merged_export
+
+    state = par.full_state_dict()  # collective; full tensors on rank 0
+    paths: dict[str, Path] = {}
+    if dist_info.is_main:
+        # LoRA: adapters merged into the base weights; every format is the plain model.
+        state, model_cfg = merged_export(state, cfg.model)
+        paths = export_model(state, model_cfg, Path(cfg.run_dir) / "export", cfg.export.formats,
+                             chat=cfg.stage.template == "sft", image_size=cfg.stage.image_size,
+                             seq_length=cfg.stage.seq_len, max_shard_gb=cfg.export.max_shard_gb)
+    dist.barrier()
+    return paths
+
+
+def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
+    """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
+    from qwenvl_train.data.loader import build_loader
+    from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
+    from qwenvl_train.training.parallel.parallelize import parallelize
+
+    check_device_support(cfg)  # precision / kernels this machine cannot run: ConfigError
+    if callbacks is None:
+        callbacks = load_callbacks(cfg.callbacks)
+    dist_info = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    resolved_config = cfg.to_dict()
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2))
+    warn_demo_data(cfg, dist_info)
+
+    model = build_qwenvl(cfg)
+    freeze(cfg, model)
+    random_frozen = frozen_random_parts(cfg.model, cfg.stage.trainable, cfg.init_from)
+    if random_frozen and dist_info.is_main:
+        log.warning("WARNING: %s", frozen_random_warning(random_frozen))
+    par = parallelize(model, cfg)  # TP slicing and pipeline stages; pass-through otherwise
+    dp_size = par.sizes.dp
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
+    engine = build_engine(cfg, par)
     del model
 
     loader = None
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
+        # data.num_workers workers, at most one per CPU of this process
         loader = build_loader(
             cfg.data, get_tokenizer(), template=cfg.stage.template,
             image_size=cfg.stage.image_size, seq_len=cfg.stage.seq_len, pack=cfg.stage.pack,
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
         )
     state, meter_state = TrainState(), {}
     tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
@@ -200,25 +217,30 @@ def run(cfg: TrainConfig, resolved_config: dict) -> dict:
     meter = ThroughputMeter.create(cfg, dp_size=dp_size, device=dist_info.device)
     meter.load_state_dict(meter_state)
     trainer = Trainer(cfg, dist_info, engine, par, loader, data, tracker, meter, accum,
-                      dummy_batch(cfg), state)
+                      dummy_batch(cfg), state, callbacks)
     try:
         last = trainer.fit()
+        exported = {}
         if cfg.export_at_end and state.step >= cfg.stage.steps:
-            export(cfg, par, dist_info)
+            exported = export(cfg, par, dist_info)
     finally:
         tracker.close()
         if source is not None:
-            # Stop the data workers now (they ignore SIGTERM, so an exit-time terminate
-            # would wait on them).
+            # Stop the data workers now (they ignore SIGTERM and SIGINT, so an exit-time
+            # terminate would wait on them).
             source.close()
+        trainer.preempt.close()
     summary = {"step": state.step, **{k: v for k, v in last.items()
-                                      if isinstance(v, (int, float, bool))}}
+                                      if isinstance(v, (int, float, bool))},
+               "exports": {k: str(v) for k, v in exported.items()},
+               "random_frozen_parts": random_frozen}
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    out = os.environ.get("QWENVL_RESULTS_DIR")
-    if out:  # per-rank facts for the multi-process tests
-        result = {"rank": dist_info.rank, "summary": summary, **optimizer_check}
-        Path(out, f"rank{dist_info.rank}.json").write_text(json.dumps(result))
+        for fmt, path in exported.items():
+            log.info("export %-12s -> %s", fmt, path)
+        if random_frozen:
+            log.warning("WARNING (run summary): %s", frozen_random_warning(random_frozen))
+    trainer.callbacks.on_run_end(trainer, summary)
     return summary
 
 
@@ -228,15 +250,3 @@ def _agreed(value):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def _optimizer_check(model, param_groups: list[dict]) -> dict:
-    """Does the optimizer hold exactly the trainable parameters?"""
-    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
-    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    return {
-        "optimizer_numel": sum(numel(p) for g in param_groups for p in g["params"]),
-        "trainable_numel": sum(numel(p) for p in model.parameters() if p.requires_grad),
-        "optimizer_equals_trainable": in_optimizer == trainable,
-        "frozen_in_optimizer": len(in_optimizer - trainable),
-    }

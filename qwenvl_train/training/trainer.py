@@ -3,14 +3,21 @@
 Read top to bottom: `run` sets up (distributed, data, model, freezing, optimizer, DeepSpeed,
 resume), then `Trainer.fit` loops: micro-batches -> forward -> agreed NaN check -> backward
 -> DeepSpeed step (clip, accumulate, schedule) -> log -> checkpoint.
+
+A non-finite loss skips the whole step on every layout: no parameter, optimizer moment or
+optimizer step count changes, while the LR schedule follows the trainer's step counter. Callbacks
+(training/callbacks.py) run user code at the loop's events.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +29,9 @@ from qwenvl_train.data.schema import REASONS, TASKS
 from qwenvl_train.model.vision import normalize_images
 from qwenvl_train.tokens import IGNORE_INDEX
 from qwenvl_train.training import checkpoint as ckpt
-from qwenvl_train.training import faults
+from qwenvl_train.training.callbacks import CallbackList, TrainerCallback
 from qwenvl_train.training.losses import task_loss_sums
-from qwenvl_train.training.optim import lr_by_module_group
+from qwenvl_train.training.optim import lr_by_module_group, skipped_update
 from qwenvl_train.training.parallel.engine import DistInfo
 
 log = logging.getLogger("qwenvl_train")
@@ -48,15 +55,69 @@ class TrainState:
     meter: dict = field(default_factory=dict)
 
 
-class PreemptionFlag:
-    """Set by SIGTERM (SLURM sends it before preemption); checked at step boundaries."""
+@dataclass
+class StepResult:
+    """What one optimizer step reports, the same on every layout."""
 
-    def __init__(self) -> None:
+    loss: float  # mean over the step's micro-batches and the data-parallel replicas
+    applied: bool  # False: the update was skipped (non-finite loss or gradients)
+    lr: dict[str, float]  # max LR per module group (vit/adapter/llm); 0.0 when skipped
+    task_sums: torch.Tensor  # [len(TASKS), 2] on the host: token loss sum, tokens; all replicas
+    counts: dict[str, int]  # this replica's samples, images, tokens, ... (throughput, MFU)
+    time: float  # wall seconds
+    grad_norm: float | None = None  # pre-clip; None where DeepSpeed tracks none (ZeRO-0 fp32)
+    data: dict[str, float] = field(default_factory=dict)  # data/* counters, all readers
+    stop: bool = False  # a stop signal reached some rank: save and return (all agree)
+
+
+class PreemptionFlag:
+    """A stop request, checked at step boundaries: SIGTERM (SLURM sends it before
+    preemption) and the first Ctrl-C (SIGINT) let the step finish, save and return; a
+    SIGINT while a stop is pending raises KeyboardInterrupt at once (nothing more saved)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.signum: int | None = None  # the first stop signal this process received
+        self.announce = announce
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT and self.announce:  # os.write: safe in a signal handler
+            os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint "
+                        b"(Ctrl-C again to abort without saving)\n")
+
+    def describe(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop on another rank"
+
+    def close(self) -> None:
+        """Give the signals back to the handlers they had before."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop the lines of `path` (metrics.jsonl) past `step`, and lines a kill cut short;
+    atomically: a crash leaves the old file or the new one."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -74,30 +135,33 @@ def _any_rank(flag: torch.Tensor | bool, device: torch.device | None = None) -> 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo, engine, par, loader, data,
-                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState):
+                 tracker, meter, accum: int, dummy_batch: dict, state: TrainState,
+                 callbacks: Sequence[TrainerCallback] = ()):
         """`par` is the layout (training/parallel/parallelize.py); `loader` is None on
-        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches."""
+        ranks that do not read data (pipeline/TP peers); `data` yields this rank's micro-batches;
+        `callbacks` run at the loop's events (training/callbacks.py)."""
         self.cfg, self.dist, self.engine, self.par = cfg, dist_info, engine, par
         self.loader, self.data = loader, data
         self.tracker, self.meter = tracker, meter
         self.accum, self.dummy_batch, self.state = accum, dummy_batch, state
+        self.callbacks = CallbackList(callbacks)
         self.param_dtype = next(engine.module.parameters()).dtype
-        self.preempt = PreemptionFlag()
+        self.preempt = PreemptionFlag(announce=dist_info.is_main)
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
+        if dist_info.is_main:  # steps past the restored one are trained and logged again
+            keep_metrics_up_to(self.metrics_path, state.step)
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Forward + backward of one micro-batch; returns (loss, per-task sums, finite)."""
         inputs = _to_device(batch, self.dist.device, self.param_dtype)
         out = self.engine(**inputs)
-        if faults.armed(f"nan_loss:{self.state.step + 1}") and self.dist.rank == \
-                self.dist.world_size - 1:
-            out.loss = out.loss * float("nan")
+        out.loss = self.callbacks.on_loss(self, self.state.step + 1, out.loss)
         # Every rank must take the same path, or the collectives inside backward hang.
         if _any_rank(~torch.isfinite(out.loss.detach())):
             self._report_nonfinite(batch, out.loss)
             # Backprop a zero loss of a tiny clean batch: the same hooks and collectives as
-            # a real backward, zero gradient. The step's update is then skipped (LR 0).
+            # a real backward, zero gradient. The step's update is then skipped.
             dummy = self.engine(**_to_device(self.dummy_batch, self.dist.device,
                                              self.param_dtype))
             self.engine.backward(dummy.loss * 0.0)
@@ -126,59 +190,61 @@ class Trainer:
                 f"{self.state.consecutive_nonfinite} consecutive steps skipped for non-finite "
                 f"loss or gradients (max_consecutive_nan={self.cfg.max_consecutive_nan})")
 
-    def _optimizer_step(self, data_iter) -> dict:
+    def _optimizer_step(self, data_iter) -> StepResult:
         t0 = time.perf_counter()
-        losses, finite_all = [], True
+        losses, finite, batches = [], True, []
         task_sums = task_loss_sums(device=self.dist.device)
-        batches = []
         for micro in range(self.accum):
             batch = next(data_iter)
             batches.append(batch)
-            loss, sums, finite = self._micro_step(batch)
-            finite_all &= finite
+            loss, sums, micro_finite = self._micro_step(batch)
+            finite &= micro_finite
             losses.append(loss)
             task_sums += sums
-            if micro == self.accum - 1:  # the boundary: DeepSpeed updates in this step()
-                if not finite_all:
-                    for group in self.engine.optimizer.param_groups:
-                        group["lr"] = 0.0  # skip: no parameter moves in this step
-                lrs = lr_by_module_group(self.engine.optimizer)
-            # DeepSpeed counts micro-steps here and updates only at the boundary.
+            if micro < self.accum - 1:
+                self.engine.step()  # DeepSpeed counts the micro-step; the update waits
+        lrs = lr_by_module_group(self.engine.optimizer)  # what this update uses
+        # The boundary: DeepSpeed clips, updates, zeroes the gradients and steps the
+        # schedule. After a non-finite loss it runs all that except the update itself.
+        with nullcontext() if finite else skipped_update(self.engine.basic_optimizer):
             self.engine.step()
-        counts = _counts(batches)
         # DeepSpeed may also skip an update itself (overflowing gradients).
-        self._count_step(finite_all and self.engine.was_step_applied())
-        totals = self._step_totals(torch.stack(losses).mean(), task_sums,
-                                   self.engine.get_global_grad_norm(), per_replica=True)
-        return {**totals, "finite": finite_all, "lr": lrs, "counts": counts,
-                "time": time.perf_counter() - t0}
+        applied = finite and self.engine.was_step_applied()
+        if finite and not applied:
+            # It then leaves the scheduler alone; keep the schedule on `state.step`.
+            self.engine.lr_scheduler.step()
+        return StepResult(
+            **self._step_totals(torch.stack(losses).mean(), task_sums,
+                                self.engine.get_global_grad_norm(), per_replica=True),
+            applied=applied, lr=lrs if applied else dict.fromkeys(lrs, 0.0),
+            counts=_counts(batches), time=time.perf_counter() - t0)
 
-    def _pipeline_step(self, data) -> dict:
+    def _pipeline_step(self, data) -> StepResult:
         """Pipeline layouts: DeepSpeed's train_batch runs the micro-batch schedule; a
         non-finite gradient norm makes ZeRO-1 skip the update on every stage."""
         t0 = time.perf_counter()
         lrs = lr_by_module_group(self.engine.optimizer)
         out = self.par.train_step(self.engine, data)
-        counts = _counts(out["batches"])
-        if out["skipped"] or not out["finite"]:
+        applied = not out["skipped"] and out["finite"]
+        if not applied:
             keys = [k for b in out["batches"] for k in b.get("keys", [])]
             self._report_nonfinite({"keys": keys}, torch.tensor(out["loss"]))
-            lrs = dict.fromkeys(lrs, 0.0)
             if out["skipped"]:
                 # DeepSpeed does not step the scheduler on a skipped update; keep the
                 # schedule on `state.step` as the other layouts do.
                 self.engine.lr_scheduler.step()
-        self._count_step(not out["skipped"] and out["finite"])
-        totals = self._step_totals(out["loss"], out["task_sums"], out["grad_norm"],
-                                   per_replica=False)
-        return {**totals, "finite": not out["skipped"], "lr": lrs, "counts": counts,
-                "time": time.perf_counter() - t0}
+        return StepResult(
+            **self._step_totals(out["loss"], out["task_sums"], out["grad_norm"],
+                                per_replica=False),
+            applied=applied, lr=lrs if applied else dict.fromkeys(lrs, 0.0),
+            counts=_counts(out["batches"]), time=time.perf_counter() - t0)
 
     def _step_totals(self, loss, task_sums: torch.Tensor, grad_norm, *,
                      per_replica: bool) -> dict:
         """Everything the step reports that involves other ranks, in ONE all-reduce and ONE
         device-to-host copy: the loss (mean over data-parallel replicas), per-task loss sums,
-        the data counters of every reader, the grad norm, and whether any rank got SIGTERM.
+        the grad norm, the data counters of every reader, and whether a stop signal reached
+        any rank. (The per-micro-batch NaN agreement stays separate: backward needs it.)
 
         `per_replica`: loss / task sums are this replica's; one rank per replica (tensor
         rank 0) contributes them. Otherwise they are global already (the pipeline step) and
@@ -190,11 +256,10 @@ class Trainer:
         host = [float(stats.get(k, 0)) for k in _DATA_STAT_KEYS]
         host.append(float(self.preempt.requested))
         norm = float("nan") if grad_norm is None else grad_norm
-        own = [torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1),
-               task_sums.to(device, torch.float64).reshape(-1),
-               torch.as_tensor(norm, dtype=torch.float64, device=device).reshape(1)]
+        own = torch.cat([torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1),
+                         task_sums.to(device, torch.float64).reshape(-1),
+                         torch.as_tensor(norm, dtype=torch.float64, device=device).reshape(1)])
         mine = torch.tensor([contributes] * (1 + 2 * tasks) + [self.dist.rank == 0])
-        own = torch.cat(own)
         own = torch.where(mine.to(device), own, torch.zeros_like(own))  # NaN * 0 is NaN
         values = torch.cat([own, torch.tensor(host, dtype=torch.float64).to(device)])
         dist.all_reduce(values)
@@ -203,7 +268,7 @@ class Trainer:
         norm, data = values[1 + 2 * tasks], values[2 + 2 * tasks:]
         dp = self.par.sizes.dp if per_replica else 1
         return {"loss": loss_sum / dp,
-                "task_sums": [sums[2 * t: 2 * t + 2] for t in range(tasks)],
+                "task_sums": torch.tensor(sums, dtype=torch.float64).reshape(tasks, 2),
                 "grad_norm": None if grad_norm is None else norm,
                 "data": _data_stats(dict(zip(_DATA_STAT_KEYS, data[:-1], strict=True))),
                 "stop": data[-1] > 0}
@@ -212,43 +277,52 @@ class Trainer:
     def fit(self) -> dict:
         cfg, state = self.cfg, self.state
         last = {}
+        self.callbacks.on_train_start(self)
         while state.step < cfg.stage.steps:
             if self.par.is_pipeline:
                 result = self._pipeline_step(self.data)
             else:
                 result = self._optimizer_step(self.data)
+            self._count_step(result.applied)
             state.step += 1
             last = self._log(result)
-            faults.kill_if_armed(f"kill_after_step:{state.step}")
-            stop = result["stop"]  # SIGTERM on any rank, agreed in the step's reduction
+            self.callbacks.on_step_end(self, state.step, last)
+            stop = result.stop  # a stop signal on any rank, agreed in the step's reduction
             at_end = state.step == cfg.stage.steps
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if stop:
-                log.warning("SIGTERM received: checkpoint saved at step %d, exiting", state.step)
+                if self.dist.is_main:
+                    log.warning("%s: checkpoint saved at step %d; to resume, rerun the same "
+                                "command (run_dir=%s)", self.preempt.describe(), state.step,
+                                cfg.run_dir)
                 last["preempted"] = True
+                if self.preempt.signum:
+                    last["stop_signal"] = int(self.preempt.signum)
                 break
         return last
 
     def save(self) -> None:
         self.state.loader = self.loader.state_dict() if self.loader is not None else {}
         self.state.meter = self.meter.state_dict()
-        ckpt.save(self.engine, self.cfg.run_dir, self.state.step, vars(self.state).copy(),
-                  self.dist.rank, self.cfg.checkpoint.keep_last)
-
-    def _log(self, result: dict) -> dict:
         step = self.state.step
-        sums = result["task_sums"]
-        metrics = {"loss": result["loss"], "skipped_steps": self.state.skipped_steps}
+        ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
+                  self.dist.rank, self.cfg.checkpoint.keep_last,
+                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path))
+
+    def _log(self, result: StepResult) -> dict:
+        step = self.state.step
+        sums = result.task_sums.tolist()  # on the host already
+        metrics = {"loss": result.loss, "skipped_steps": self.state.skipped_steps}
         for t, task in enumerate(TASKS):
             if sums[t][1] > 0:
                 metrics[f"loss/{task}"] = sums[t][0] / sums[t][1]
-        for group, lr in result["lr"].items():
+        for group, lr in result.lr.items():
             metrics[f"lr/{group}"] = lr
-        if result["grad_norm"] is not None:
-            metrics["grad_norm"] = result["grad_norm"]
-        metrics.update(self.meter.update(result["counts"], result["time"]))
-        metrics.update(result["data"])
+        if result.grad_norm is not None:
+            metrics["grad_norm"] = result.grad_norm
+        metrics.update(self.meter.update(result.counts, result.time))
+        metrics.update(result.data)
         if self.dist.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")

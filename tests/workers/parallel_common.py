@@ -7,6 +7,8 @@ import torch
 
 from qwenvl_train.model.config import QwenVLConfig
 from qwenvl_train.model.groups import GROUPS, set_trainable
+from qwenvl_train.model.lora import apply_lora, lora_linears
+from qwenvl_train.model.lora_config import LoRAConfig
 from qwenvl_train.model.qwenvl import build_model
 from qwenvl_train.training.optim import build_optimizer, build_param_groups
 
@@ -20,6 +22,8 @@ LR, CLIP = 1e-3, 1.0
 IMG_START, IMG_END, IMG_PAD = 151857, 151858, 151859
 OPTIM = dict(weight_decay=0.05, group_lr_scale={"vit": 1.0, "adapter": 2.0, "llm": 0.5},
              vit_layer_decay=0.9)
+# LoRA on the tensor-parallel-split groups (ViT, LLM); the adapter trains fully.
+LORA = LoRAConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0, targets=["vit", "llm"])
 
 
 def tiny_config(checkpointing: bool = False) -> QwenVLConfig:
@@ -37,11 +41,22 @@ def tiny_config(checkpointing: bool = False) -> QwenVLConfig:
 
 
 def make_model(trainable=GROUPS, seed: int = SEED,
-               checkpointing: bool = False):
+               checkpointing: bool = False, lora: bool = False):
     torch.manual_seed(seed)
     model = build_model(tiny_config(checkpointing), IMAGE_SIZE)
-    set_trainable(model, trainable)
+    if lora:
+        apply_lora(model, LORA, seed=seed)  # what training.run.build_qwenvl does
+        randomize_lora_b(model, seed)
+    set_trainable(model, trainable, lora_parts=LORA.parts if lora else ())
     return model
+
+
+@torch.no_grad()
+def randomize_lora_b(model, seed: int) -> None:
+    """Nonzero B (it starts at zero): A gets gradients and B's split matters from step 1."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in lora_linears(model).values():
+        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * 0.1)
 
 
 def _row(gen: torch.Generator, images: int, queries: int,
@@ -80,7 +95,10 @@ def make_batch(step: int, dp_rank: int, micro: int, text_only: bool = False) -> 
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg,
             "task_ids": tasks,
             "images": torch.randn(n_img, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
-            "keys": [f"s{step}-r{dp_rank}-m{micro}-{b}" for b in range(MICRO_BATCH)]}
+            "keys": [f"s{step}-r{dp_rank}-m{micro}-{b}" for b in range(MICRO_BATCH)],
+            # the loader's counts, which the trainer's throughput meter reads
+            "num_samples": 2 * MICRO_BATCH, "num_images": n_img,
+            "num_real_tokens": int((seg > 0).sum())}
 
 
 def step_batches(step: int, dp: int) -> list[list[dict]]:
@@ -112,10 +130,10 @@ def _clip(params: list[torch.Tensor]) -> float:
 
 
 def reference(dp: int, trainable=GROUPS, steps: int = STEPS,
-              skip: tuple[int, ...] = ()):
+              skip: tuple[int, ...] = (), lora: bool = False):
     """Single process: losses and pre-clip grad norms per step, and the trained model.
     Steps in `skip` make no update (what a NaN step must do) and report NaN."""
-    model = make_model(trainable)
+    model = make_model(trainable, lora=lora)
     opt = build_optimizer(param_groups(model), lr=LR, betas=(0.9, 0.98), eps=1e-6)
     params = [p for p in model.parameters() if p.requires_grad]
     losses, norms = [], []

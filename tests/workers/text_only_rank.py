@@ -14,10 +14,9 @@ import torch.distributed as dist
 
 from qwenvl_train.config import load_config
 from qwenvl_train.data.tokenizer import get_tokenizer
-from qwenvl_train.training.optim import Schedule, build_optimizer, build_scheduler
-from qwenvl_train.training.parallel.engine import deepspeed_config, init_distributed
+from qwenvl_train.training.parallel.engine import init_distributed
 from qwenvl_train.training.parallel.parallelize import parallelize
-from qwenvl_train.training.run import build_qwenvl, dummy_batch, freeze, param_groups_of
+from qwenvl_train.training.run import build_engine, build_qwenvl, dummy_batch, freeze
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 
@@ -76,17 +75,14 @@ def main() -> None:
     model = build_qwenvl(cfg)
     freeze(cfg, model)
     par = parallelize(model, cfg)
-    groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
-    opt = build_optimizer(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    sched = build_scheduler(opt, Schedule(1e-3, 1e-5, 1, 2))
-    engine = par.initialize(opt, sched, deepspeed_config(cfg, par.sizes.dp))
+    engine = build_engine(cfg, par)
     batch = make_batch(info.rank == 0, cfg.model.adapter.num_queries, cfg.stage.image_size)
     loader = ListLoader([batch])
     it = iter(loader)
     trainer = Trainer(cfg, info, engine, par, loader, it, NullTracker(), NullMeter(),
                       1, dummy_batch(cfg), TrainState())
     trainer.metrics_path = os.devnull
-    step_losses = [trainer._optimizer_step(it)["loss"] for _ in range(2)]
+    step_losses = [trainer._optimizer_step(it).loss for _ in range(2)]
     out = {"steps": len(step_losses), "losses": step_losses, "num_images": batch["num_images"]}
     with open(os.path.join(os.environ["QWENVL_RESULTS_DIR"], f"rank{info.rank}.json"), "w") as f:
         json.dump(out, f)

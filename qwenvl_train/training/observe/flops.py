@@ -29,6 +29,8 @@ parts (`groups.PARTS`) vit -> adapter cross-attention -> adapter_post (ln_post/p
     c = 2  frozen part downstream of some trained part: activation gradients must flow
            through it to reach the trained part, but no weight gradients are computed
     c = 1  frozen part upstream of every trained part (e.g. the frozen ViT in stage 3)
+    c = 2  trained part adapted by LoRA (`adapted`): its base weights get no gradient (the
+           rank-r matrices' own FLOPs, a few percent of the linears', are not counted)
 E.g. stage 3 with post_group=vit: ViT 1x, cross-attention 3x, ln_post/proj 2x, LLM 3x.
 Activation recomputation (gradient checkpointing) is not counted: this is model FLOPs
 utilization (MFU), not hardware FLOPs utilization. MFU = step FLOPs summed over the
@@ -141,13 +143,15 @@ def forward_flops_by_part(
     }
 
 
-def part_multipliers(trainable: Iterable[str], post_group: str = "vit") -> dict[str, int]:
-    """3 / 2 / 1 per part of the chain (see the module docstring)."""
-    trainable = set(trainable)
+def part_multipliers(trainable: Iterable[str], post_group: str = "vit",
+                     adapted: Iterable[str] = ()) -> dict[str, int]:
+    """3 / 2 / 1 per part of the chain (see the module docstring); `adapted`: LoRA groups."""
+    trainable, adapted = set(trainable), set(adapted)
     mult, seen_trained = {}, False
     for part in PARTS:  # in data-flow order: a part is "downstream" once a trained one passed
-        if part_group(part, post_group) in trainable:
-            mult[part], seen_trained = 3, True
+        group = part_group(part, post_group)
+        if group in trainable:
+            mult[part], seen_trained = (2 if group in adapted else 3), True
         else:
             mult[part] = 2 if seen_trained else 1
     return mult
@@ -163,17 +167,18 @@ def step_flops(
     *,
     loss_tokens: int | None = None,
     segment_len: float | None = None,
+    adapted: Iterable[str] = (),
 ) -> float:
     """Training FLOPs of a step over `tokens` LLM positions (pads included: they are
     computed) and `images` images; rows of length `seq_len`, or packed samples of
     token-weighted mean length `segment_len`. `loss_tokens`: positions with a label
-    (where the lm_head runs); default all tokens."""
+    (where the lm_head runs); default all tokens. `adapted`: the LoRA groups."""
     post_group = model_cfg.adapter.post_group
     fwd = forward_flops_by_part(
         model_cfg, image_size, tokens, images, seq_len,
         loss_tokens=loss_tokens, segment_len=segment_len,
     )
-    mult = part_multipliers(trainable, post_group)
+    mult = part_multipliers(trainable, post_group, adapted)
     return float(sum(mult[p] * fwd[p] for p in PARTS))
 
 

@@ -20,17 +20,14 @@ from typing import IO, Any
 
 import torch
 
-from qwenvl_train.config import cfg_get
+from qwenvl_train.config import TrainConfig
 from qwenvl_train.training.observe import flops
+from qwenvl_train.training.observe.config import TrackingConfig
 from qwenvl_train.training.observe.progress import Progress
 
-BACKENDS = ("wandb", "none")
-MODES = ("offline", "online", "disabled")
 RUN_ID_FILE = "wandb_run_id.txt"
 STEP_KEY = "train/step"
 COUNT_KEYS = ("samples", "images", "tokens", "real_tokens")
-
-
 
 
 def _read_or_create_run_id(run_dir: Path) -> str:
@@ -53,11 +50,12 @@ class Tracker:
     def __init__(self, progress: Progress | None = None, run: Any = None) -> None:
         self.progress, self.run = progress, run
         self._warned = False
+        self._first_step = 0  # W&B already holds the steps below this one
 
     @classmethod
     def create(
         cls,
-        tracking_cfg: Any,
+        tracking_cfg: TrackingConfig,
         run_dir: str | os.PathLike,
         resolved_config: dict,
         rank: int,
@@ -67,38 +65,41 @@ class Tracker:
         log_every: int = 1,
         stream: IO[str] | None = None,
     ) -> Tracker:
+        """`tracking_cfg` comes validated with the train config (TrackingConfig.validate)."""
         if rank != 0:
             return cls()
         tracker = cls(Progress(total_steps, start_step=start_step, log_every=log_every,
                                stream=stream))
-        backend = cfg_get(tracking_cfg, "backend", "wandb")
-        mode = cfg_get(tracking_cfg, "mode", "offline")
-        if backend not in BACKENDS or mode not in MODES:
-            raise ValueError(f"tracking.backend/mode: {backend!r}/{mode!r}; allowed: "
-                             f"backend {BACKENDS}, mode {MODES}")
-        if backend == "wandb" and mode != "disabled":
-            tracker._init_wandb(tracking_cfg, Path(run_dir), resolved_config, mode)
+        if tracking_cfg.backend == "wandb" and tracking_cfg.mode != "disabled":
+            tracker._init_wandb(tracking_cfg, Path(run_dir), resolved_config)
         return tracker
 
-    def _init_wandb(self, cfg: Any, run_dir: Path, config: dict, mode: str) -> None:
+    def _init_wandb(self, cfg: TrackingConfig, run_dir: Path, config: dict) -> None:
         try:
             import wandb
 
             self.run = wandb.init(
-                project=cfg_get(cfg, "project", "qwenvl-train"),
-                entity=cfg_get(cfg, "entity"),
-                name=cfg_get(cfg, "name") or run_dir.name,
-                tags=list(cfg_get(cfg, "tags", []) or []),
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.name or run_dir.name,
+                tags=list(cfg.tags),
                 config=config,
                 allow_val_change=True,  # a resumed run may change e.g. log_every
                 dir=str(run_dir),  # files land in run_dir/wandb
                 id=_read_or_create_run_id(run_dir),
                 resume="allow",
-                mode=mode,
-                settings=wandb.Settings(init_timeout=float(cfg_get(cfg, "init_timeout", 90.0))),
+                mode=cfg.mode,
+                settings=wandb.Settings(init_timeout=cfg.init_timeout),
             )
-            # Our own step axis: after a resume from an earlier checkpoint the same steps
-            # are logged again, which W&B's monotonic internal step would drop.
+            # W&B's step is the training step (`log` passes it), so a resumed run's steps
+            # continue where its checkpoint was, and `train/step` is the charts' x axis.
+            # Online, a resumed run starts at W&B's next step (`starting_step`): steps it
+            # already has (logged after the checkpoint, before the kill) are not sent again;
+            # exact resume makes their values the same. Offline, W&B cannot resume (it has
+            # no server to ask; `resume` is ignored and `starting_step` is 0): each launch
+            # writes its own offline-run-*-<id> folder under the same id, and
+            # `wandb sync run_dir/wandb/offline-run-*` uploads them into one run in order.
+            self._first_step = int(getattr(self.run, "starting_step", 0) or 0)
             self.run.define_metric(STEP_KEY)
             self.run.define_metric("*", step_metric=STEP_KEY)
         except Exception as exc:  # tracking must never stop training
@@ -120,9 +121,9 @@ class Tracker:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.progress is not None:
             self.progress.update(step, metrics)
-        if self.run is not None:
+        if self.run is not None and step >= self._first_step:
             try:
-                self.run.log({STEP_KEY: step, **metrics})
+                self.run.log({STEP_KEY: step, **metrics}, step=step)
             except Exception as exc:
                 self._disable(f"W&B log failed ({type(exc).__name__}: {exc})")
 
@@ -200,22 +201,24 @@ class ThroughputMeter:
         self.totals = dict.fromkeys(COUNT_KEYS, 0)
 
     @classmethod
-    def create(cls, cfg: Any, *, dp_size: int, device: torch.device | str | None = None,
+    def create(cls, cfg: TrainConfig, *, dp_size: int, device: torch.device | str | None = None,
                window: int = 20) -> ThroughputMeter:
         """From the full train config: FLOPs of the stage, peak of this device and dtype."""
         stage, model = cfg.stage, cfg.model
-        world = dp_size * int(cfg_get(cfg.parallel, "pp", 1)) * int(cfg_get(cfg.parallel, "tp", 1))
+        world = dp_size * cfg.parallel.pp * cfg.parallel.tp
         name = device
         if isinstance(device, torch.device) or str(device).startswith("cuda"):
             dev = torch.device(device)
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        peak = flops.peak_flops(name, stage.precision, cfg_get(cfg.tracking, "peak_tflops"))
+        peak = flops.peak_flops(name, stage.precision, cfg.tracking.peak_tflops)
+
+        adapted = model.lora.parts  # LoRA targets: no base-weight gradients there
 
         def flops_fn(c: Mapping[str, int]) -> float:
             seg = c.get("seg_sq_tokens")
             return flops.step_flops(
                 model, stage.image_size, c["tokens"], c["images"], stage.seq_len,
-                stage.trainable, loss_tokens=c.get("loss_tokens"),
+                stage.trainable, loss_tokens=c.get("loss_tokens"), adapted=adapted,
                 segment_len=seg / c["real_tokens"] if seg and c.get("real_tokens") else None,
             )
 

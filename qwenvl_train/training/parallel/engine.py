@@ -69,18 +69,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def grad_accumulation_steps(cfg: TrainConfig, dp_size: int) -> int:
-    """global batch = micro batch x accumulation x data-parallel size, checked exactly."""
-    per_step = cfg.stage.micro_batch_size * dp_size
-    if cfg.stage.global_batch_size % per_step:
-        raise ConfigError(
-            f"stage.global_batch_size: {cfg.stage.global_batch_size} is not a multiple of "
-            f"stage.micro_batch_size ({cfg.stage.micro_batch_size}) x data-parallel size "
-            f"({dp_size}) = {per_step}"
-        )
-    return cfg.stage.global_batch_size // per_step
-
-
 def uses_bf16(cfg: TrainConfig) -> bool:
     """bf16 as the stage asks, on any device: DeepSpeed's bf16 mode (bf16 weights and
     activations, fp32 master weights and optimizer state) runs on CPU as well. The CPU
@@ -108,7 +96,7 @@ def check_device_support(cfg: TrainConfig) -> None:
 
 def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
     check_device_support(cfg)
-    accum = grad_accumulation_steps(cfg, dp_size)
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
     zero: dict = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage in (1, 2):
         # Reduce gradient buckets while backward still runs (ZeRO-3 overlaps by default).

@@ -149,7 +149,8 @@ def parallelize(model: nn.Module, cfg: Any, world_size: int | None = None,
         return Parallel(sizes, grid, model)
     stage = cfg.stage
     split = plan_split(cfg.model, sizes.pp, stage.image_size, stage.seq_len,
-                       list(stage.trainable), pack=bool(stage.pack))
+                       list(stage.trainable), pack=bool(stage.pack),
+                       adapted=cfg.model.lora.parts)
     if parts is not None:
         split = PipelineSplit(list(parts), split.layer_names, split.layer_cost)
     return Parallel(sizes, grid, pipe_mod.build_pipeline_module(model, topology, split), split)

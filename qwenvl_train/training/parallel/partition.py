@@ -70,9 +70,11 @@ def layer_costs(
     seq_len: int,
     trainable: Iterable[str],
     images: float,
+    adapted: Iterable[str] = (),
 ) -> tuple[list[str], list[float]]:
-    """Names (the registry's pipeline slots) and training FLOPs per row of the layers."""
-    mult = flops.part_multipliers(trainable, model_cfg.adapter.post_group)
+    """Names (the registry's pipeline slots) and training FLOPs per row of the layers
+    (`adapted`: the LoRA groups)."""
+    mult = flops.part_multipliers(trainable, model_cfg.adapter.post_group, adapted)
     fwd = flops.forward_flops_by_part(model_cfg, image_size, seq_len, 1, seq_len)
     # forward_flops_by_part takes an int image count; scale the per-image parts instead.
     vision = sum(mult[p] * fwd[p] * images for p in groups.VISION_PARTS)
@@ -130,9 +132,10 @@ def plan_split(
     trainable: Iterable[str],
     images: float | None = None,
     pack: bool = False,
+    adapted: Iterable[str] = (),
 ) -> PipelineSplit:
     """The compute-balanced split for a stage config (all ranks compute the same one)."""
     if images is None:
         images = images_per_row(seq_len, model_cfg.adapter.num_queries, pack)
-    names, costs = layer_costs(model_cfg, image_size, seq_len, trainable, images)
+    names, costs = layer_costs(model_cfg, image_size, seq_len, trainable, images, adapted)
     return PipelineSplit(balanced_parts(costs, num_stages), names, costs)

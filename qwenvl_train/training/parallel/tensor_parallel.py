@@ -12,6 +12,12 @@ tensor rank.
 Sharded parameters carry `tensor_model_parallel=True` and `partition_dim`, which is how
 DeepSpeed's ZeRO-1/2 norm code counts them once per tensor rank (replicated ones only on
 rank 0) and how `gather_full_state_dict` / `load_full_state_dict` map to full weights.
+
+LoRA (model/lora.py) on a split linear splits with it: a column-parallel linear keeps the
+rows of B that match its weight rows (A replicated; the rank-r activations enter the tensor
+region like x does), a row-parallel one the columns of A that match its input slice (B
+replicated; the partial rank-r products are summed before B). Each rank's LoRA update is
+then exactly its slice of the unsplit one, and replicated A/B get identical gradients.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl_train.model import groups
+from qwenvl_train.model.lora import attach_lora, is_lora_linear
 from qwenvl_train.training.parallel.config import ParallelConfig
 
 
@@ -83,6 +90,10 @@ class ColumnParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_CopyToTensorRegion.apply(x, self.group), self.weight, self.bias)
 
+    def lora_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """LoRA: the (replicated) x A^T enters the region before the local rows of B."""
+        return _CopyToTensorRegion.apply(h, self.group)
+
 
 class RowParallelLinear(nn.Linear):
     """y = sum_ranks x_local @ W[:, cols of this rank].T, then + b (replicated)."""
@@ -102,8 +113,28 @@ class RowParallelLinear(nn.Linear):
         # The bias is added once, after the sum, so it is not counted tp times.
         return out if self.bias is None else out + self.bias
 
+    def lora_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """LoRA: x_local A_local^T summed over ranks, before the replicated B."""
+        return _ReduceFromTensorRegion.apply(h, self.group)
+
 
 _STYLES = {groups.COLUMN: ColumnParallelLinear, groups.ROW: RowParallelLinear}
+# The LoRA matrix each style splits, and along which dimension (the other is replicated).
+_LORA_SPLIT = {groups.COLUMN: (groups.LORA_B, 0), groups.ROW: (groups.LORA_A, 1)}
+
+
+def _split_lora(src: nn.Module, dst: nn.Linear, style: str, rank: int, world: int) -> None:
+    """Carry `src`'s LoRA matrices over to its tensor-parallel replacement `dst`."""
+    split_name, dim = _LORA_SPLIT[style]
+    mats = {}
+    for name in (groups.LORA_A, groups.LORA_B):
+        tensor = getattr(src, name)
+        if name == split_name:
+            mats[name] = _shard(tensor, dim, rank, world)
+            _mark(mats[name], dim)
+        else:
+            mats[name] = nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad)
+    attach_lora(dst, mats[groups.LORA_A], mats[groups.LORA_B], src.lora_scale, src.lora_dropout)
 
 
 def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
@@ -124,7 +155,11 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     for path, style in groups.tensor_parallel_plan(model.config).items():
         owner_path, _, name = path.rpartition(".")
         owner = model.get_submodule(owner_path)
-        setattr(owner, name, _STYLES[style](getattr(owner, name), group, rank, world))
+        linear = getattr(owner, name)
+        split = _STYLES[style](linear, group, rank, world)
+        if is_lora_linear(linear):
+            _split_lora(linear, split, style, rank, world)
+        setattr(owner, name, split)
     for i in range(model.config.vision.layers):
         # in_proj rows are grouped per head ([q_h | k_h | v_h]), so a contiguous row slice
         # is a set of whole heads.

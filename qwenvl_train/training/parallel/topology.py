@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwenvl_train.config import ConfigError
+from qwenvl_train.checks import ConfigError
 from qwenvl_train.training.parallel.config import ParallelConfig
 
 

@@ -26,7 +26,7 @@ from model_helpers import (  # noqa: E402
     tiny_config,
 )
 
-from qwenvl_train.model import build_model  # noqa: E402
+from qwenvl_train.model.qwenvl import build_model  # noqa: E402
 from qwenvl_train.model.weights import load_qwenvl  # noqa: E402
 
 

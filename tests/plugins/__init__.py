@@ -1,0 +1,3 @@
+"""Trainer callbacks the multi-process tests install through the `callbacks` config key
+(`trainer_helpers.callbacks(...)` builds the override): fault injection (`faults`) and the
+per-rank results writer (`results`)."""

@@ -1,0 +1,55 @@
+"""Per-rank facts of a real run for the multi-process tests: `out/rank{r}.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from qwenvl_train.training.callbacks import TrainerCallback
+
+
+class RankResults(TrainerCallback):
+    """Writes the run summary and whether the optimizer holds exactly the trainable
+    parameters, as the DeepSpeed engine of the run sees them at the start of training."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.optimizer_check: dict = {}
+
+    def on_train_start(self, trainer) -> None:
+        if not trainer.par.is_pipeline:  # pipeline stages hold renamed shards of the model
+            self.optimizer_check = optimizer_check(trainer.engine)
+
+    def on_run_end(self, trainer, summary: dict) -> None:
+        rank = trainer.dist.rank
+        result = {"rank": rank, "summary": summary, **self.optimizer_check}
+        (self.out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def optimized_parameters(engine) -> list[nn.Parameter]:
+    """The model parameters the engine's optimizer updates. ZeRO and DeepSpeed's bf16/fp16
+    wrappers flatten the groups and keep the originals per group (ZeRO drops parameters
+    without requires_grad there); the plain optimizer keeps them in `param_groups`."""
+    opt = engine.optimizer
+    for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
+        groups = getattr(opt, name, None)
+        if groups is not None:
+            return [p for group in groups for p in group]
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def optimizer_check(engine) -> dict:
+    """Does the optimizer hold exactly the trainable parameters?"""
+    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+    optimized = optimized_parameters(engine)
+    model = list(engine.module.parameters())
+    in_optimizer = {id(p) for p in optimized}
+    trainable = {id(p) for p in model if p.requires_grad}
+    return {
+        "optimizer_numel": sum(numel(p) for p in optimized),
+        "trainable_numel": sum(numel(p) for p in model if p.requires_grad),
+        "optimizer_equals_trainable": in_optimizer == trainable,
+        "frozen_in_optimizer": len(in_optimizer - trainable),
+    }
