@@ -18,17 +18,14 @@ import time
 
 
 def build(cfg, fused: bool):
-    from qwenvl_train.training.optim import build_optimizer
-    from qwenvl_train.training.parallel.engine import deepspeed_config
+    """The trainer's set-up (training/run.py) with the AdamW kernel chosen."""
     from qwenvl_train.training.parallel.parallelize import parallelize
-    from qwenvl_train.training.run import build_qwenvl, freeze, param_groups_of
+    from qwenvl_train.training.run import build_engine, build_qwenvl, freeze
 
+    cfg.parallel.fused_adamw = fused
     model = build_qwenvl(cfg)
     freeze(cfg, model)
-    par = parallelize(model, cfg)
-    groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
-    opt = build_optimizer(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
-    return par.initialize(opt, None, deepspeed_config(cfg, par.sizes.dp))
+    return build_engine(cfg, parallelize(model, cfg))
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def main() -> None:
                 setattr(dist, n, fn)
 
     Trainer._log, Trainer.fit = log, fit
-    run_mod.run(cfg, {})
+    run_mod.run(cfg)
     steps = len(marks) - 1
     per_step = collections.Counter(recorder.events[marks[0]:marks[-1]])
     print(f"\n{cfg.stage.name}, {cfg.stage.global_batch_size // cfg.stage.micro_batch_size} "

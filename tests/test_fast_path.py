@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from model_helpers import sample_ids, tiny_config
 from torch.nn.attention.flex_attention import create_block_mask
 
-from qwenvl_train.model import build_model
 from qwenvl_train.model import vision as vision_mod
 from qwenvl_train.model.adapter import sincos_2d
 from qwenvl_train.model.attention import flex_block_mask
 from qwenvl_train.model.loss import chunked_linear_cross_entropy
-from qwenvl_train.model.qwenvl import restore_fp32_tables
+from qwenvl_train.model.qwenvl import build_model, restore_fp32_tables
 from qwenvl_train.model.speed import compile_layers
 from qwenvl_train.training.parallel.pipeline import pipe_inputs, pipeline_layers
 
