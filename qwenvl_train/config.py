@@ -97,11 +97,18 @@ def validate_launch(cfg: TrainConfig, world_size: int) -> int:
     """The checks that need the launch (world size, data on disk), still before any process
     group starts; returns the gradient accumulation steps."""
     # Imported here: topology imports ConfigError from this module.
+    from qwenvl_train.data.global_order import check_cover
+    from qwenvl_train.data.selection import check_source_sizes
     from qwenvl_train.training.parallel.topology import validate_parallel
 
     sizes = validate_parallel(cfg.parallel, world_size)
     accum = cfg.stage.grad_accumulation_steps(sizes.dp)
     expand_sources(cfg.data)  # every source matches shards (one error lists those that don't)
+    check_cover(cfg.data.virtual_streams, sizes.dp, cfg.data.num_workers)
+    check_source_sizes(cfg.data, cfg.stage.template)
+    from qwenvl_train.training.elastic import check_resume  # reads a checkpoint: torch
+
+    check_resume(cfg, world_size)  # what a resume may change (README "Resuming")
     return accum
 
 

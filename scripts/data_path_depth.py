@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_task_shards(Path(tmp), ("caption", "vqa"), per_task=12, per_shard=6)
         data = DataConfig(root=tmp, sources={t: SourceConfig(f"{t}-*.tar")
-                                             for t in ("caption", "vqa")})
+                                             for t in ("caption", "vqa")}, virtual_streams=1)
         loader = build_loader(data, get_tokenizer(), template="multitask", image_size=16,
                               seq_len=96, pack=True, num_image_tokens=4, dp_rank=0,
                               dp_size=1, micro_batch_size=2, seed=0, num_workers=0)

@@ -34,12 +34,12 @@ def shard_root(tmp_path_factory) -> Path:
 
 
 def _loader(root, stage="multitask", *, rank=0, dp=1, workers=0, mb=2, seed=7, sources=None,
-            **cfg):
+            virtual_streams=4, global_batch_size=None, **cfg):
     sources = sources or {t: SourceConfig(f"{t}-*.tar") for t in TASKS}
-    data = DataConfig(root=str(root), sources=sources, **cfg)
+    data = DataConfig(root=str(root), sources=sources, virtual_streams=virtual_streams, **cfg)
     return build_loader(data, get_tokenizer(), **STAGES[stage], num_image_tokens=4,
                         dp_rank=rank, dp_size=dp, micro_batch_size=mb, seed=seed,
-                        num_workers=workers)
+                        num_workers=workers, global_batch_size=global_batch_size)
 
 
 def _take(loader, n):
@@ -77,13 +77,56 @@ def test_resume_across_zero_and_one_worker(shard_root):
     assert got + [_sig(b) for b in _take(resumed, 3)] == ref
 
 
-def test_resume_refuses_other_layout(shard_root):
-    first = _loader(shard_root, dp=2)
-    _take(first, 1)
-    with pytest.raises(DataError, match="dp_size=2 x 1 loader worker.*dp_size=4"):
-        _loader(shard_root, dp=4).load_state_dict(first.state_dict())
+def _global_steps(loaders, steps, mb=2):
+    """Per step: every rank's micro-batches (in-process ranks, no exchange), in global
+    order, as (micro-batch index, keys, token ids)."""
+    its = [iter(ld) for ld in loaders]
+    per_rank = loaders[0].spec.micro_per_step // len(loaders)
+    out = []
+    for _ in range(steps):
+        step = [next(it) for it in its for _ in range(per_rank)]
+        out.append(sorted((b["micro_batch"], *_sig(b)[:2]) for b in step))
+    return out
+
+
+def _merged_state(loaders):
+    """What the exchange's gather makes of the ranks' states: every virtual stream."""
+    state = json.loads(json.dumps(loaders[0].state_dict()))
+    for ld in loaders[1:]:
+        state["streams"].update(json.loads(json.dumps(ld.state_dict()["streams"])))
+    return state
+
+
+def test_global_batches_do_not_depend_on_the_layout_and_resume_across_it(shard_root):
+    """dp=2 x 2 workers saves; dp=1 x 0 and dp=4 x 1 workers resume: the global batches
+    (same keys, same packing, same order) are those of one uninterrupted dp=1 run."""
+    args = dict(stage="multitask", mb=2, global_batch_size=8)  # 4 micro-batches per step
+    ref = _global_steps([_loader(shard_root, workers=2, **args)], 7)
+    first = [_loader(shard_root, rank=r, dp=2, workers=2, **args) for r in (0, 1)]
+    assert _global_steps(first, 3) == ref[:3]
+    state = _merged_state(first)
+    for dp, workers in ((1, 0), (4, 1)):
+        resumed = [_loader(shard_root, rank=r, dp=dp, workers=workers, **args)
+                   for r in range(dp)]
+        for ld in resumed:
+            ld.load_state_dict(state)
+        assert _global_steps(resumed, 4) == ref[3:], (dp, workers)
+
+
+def test_resume_refuses_another_order_or_a_partial_state(shard_root):
+    first = [_loader(shard_root, rank=r, dp=2, global_batch_size=4) for r in (0, 1)]
+    _global_steps(first, 3)
+    with pytest.raises(DataError, match="virtual_streams"):
+        _loader(shard_root, virtual_streams=8, global_batch_size=4).load_state_dict(
+            _merged_state(first))
+    with pytest.raises(DataError, match="micro_per_step"):  # another global batch
+        _loader(shard_root, global_batch_size=8).load_state_dict(_merged_state(first))
     with pytest.raises(DataError, match="seed"):
-        _loader(shard_root, dp=2, seed=8).load_state_dict(first.state_dict())
+        _loader(shard_root, dp=2, seed=8, global_batch_size=4).load_state_dict(
+            first[0].state_dict())
+    with pytest.raises(DataError, match=r"lacks virtual stream\(s\) \[1, 3\]"):
+        _loader(shard_root, global_batch_size=4).load_state_dict(
+            first[0].state_dict())  # rank 0's streams only
 
 
 def test_resume_skips_shards_without_reading(shard_root, monkeypatch):
@@ -174,7 +217,7 @@ def test_packing_efficiency_on_multitask_mix(shard_root):
 
 def test_corrupt_data_skipped_counted_logged(tmp_path, caplog):
     good = write_defect_shards(tmp_path)
-    loader = _loader(tmp_path, "multitask_unpacked", mb=1, shuffle=False,
+    loader = _loader(tmp_path, "multitask_unpacked", mb=1, shuffle=False, virtual_streams=1,
                      max_image_pixels=200 * 200, sources={"all": SourceConfig("*.tar")})
     with caplog.at_level(logging.WARNING, logger="qwenvl_train.data"):
         keys = [b["keys"][0] for b in _take(loader, len(good) + 1)]
@@ -188,7 +231,7 @@ def test_corrupt_data_skipped_counted_logged(tmp_path, caplog):
 
 def test_too_many_bad_in_a_row_stops(tmp_path):
     write_raw_tar(tmp_path / "bad.tar", [(f"k{i}.json", b"{oops") for i in range(10)])
-    loader = _loader(tmp_path, "pretrain", mb=1, max_consecutive_bad=3,
+    loader = _loader(tmp_path, "pretrain", mb=1, max_consecutive_bad=3, virtual_streams=1,
                      sources={"all": SourceConfig("*.tar")})
     with pytest.raises(DataError, match="4 bad samples in a row.*bad_json.*bad.tar"):
         _take(loader, 1)

@@ -78,8 +78,8 @@ def test_collate_packed_rows():
     assert (batch["labels"][1, 4:] == IGNORE_INDEX).all()
     assert batch["labels"][0, 5].item() == IGNORE_INDEX  # first token of a packed sample
     assert batch["input_ids"][0, :5].tolist() == a.input_ids.tolist()
-    # images row-major in order of appearance, normalised floats
-    assert batch["images"].shape == (3, 3, 4, 4) and batch["images"].dtype == torch.float32
+    # images row-major in order of appearance, uint8 (the model normalises them)
+    assert batch["images"].shape == (3, 3, 4, 4) and batch["images"].dtype == torch.uint8
     firsts = batch["images"][:, 0, 0, 0]
     assert firsts[1] == firsts[2] and firsts[0] != firsts[1]  # a's image, then c's two
     assert batch["keys"] == ["k1", "k2", "k3"] and batch["sources"] == ["src"] * 3

@@ -23,7 +23,7 @@ def test_inspect_and_eval_skip_what_the_loader_skips(tmp_path):
     write_defect_shards(tmp_path)
     shard = str(tmp_path / "b-defects.tar")
     data = DataConfig(root=str(tmp_path), sources={"b": SourceConfig("b-defects.tar")},
-                      shuffle=False, max_image_pixels=LIMIT)
+                      shuffle=False, max_image_pixels=LIMIT, virtual_streams=1)
     loader = build_loader(data, get_tokenizer(), template="multitask", image_size=16,
                           seq_len=96, pack=False, num_image_tokens=4, dp_rank=0, dp_size=1,
                           micro_batch_size=1, seed=0, num_workers=0)

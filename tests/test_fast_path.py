@@ -277,16 +277,6 @@ def test_layer_norm_statistics_are_fp32_for_bf16_inputs():
     assert torch.equal(ln(x), ref)
 
 
-def test_normalize_images_on_device_matches_the_data_path():
-    from qwenvl_train.data.images import normalize_into
-
-    x = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8)
-    want = normalize_into(torch.empty(3, 3, 28, 28), [x])
-    assert torch.equal(vision_mod.normalize_images(x, torch.float32), want)
-    assert torch.equal(vision_mod.normalize_images(x, torch.bfloat16), want.bfloat16())
-    assert torch.equal(vision_mod.normalize_images(want, torch.float32), want)  # float: cast only
-
-
 # ---- the DeepSpeed config ---------------------------------------------------------------
 def test_deepspeed_config_bf16_on_cpu_accumulation_dtype_and_overlap():
     from qwenvl_train.config import load_config

@@ -65,7 +65,8 @@ def test_command_line_shards_feed_the_loader_with_their_weights(tmp_path):
     inside, outside = tmp_path / "root", tmp_path / "elsewhere"
     write_task_shards(inside, ("caption",), per_task=4, per_shard=2)
     write_task_shards(outside, ("vqa", "chat"), per_task=4, per_shard=2)
-    cfg = load_config(["data=shards", f"data.root={inside}", "data.shards=["
+    cfg = load_config(["data=shards", f"data.root={inside}", "data.virtual_streams=2",
+                       "data.shards=["
                        f"caption-*.tar,{outside}/vqa-*.tar:0.5,{outside}/chat-*.tar:2]"]).data
     assert resolve_sources(cfg, "multitask") == [
         ("shards0", ["caption-00000.tar", "caption-00001.tar"], 1.0),
@@ -84,6 +85,18 @@ def test_a_wrong_glob_stops_the_cli_before_anything_is_built(probe_cli, tmp_path
         "data=shards", f"data.shards=[{tmp_path}/nothing/*.tar]", f"run_dir={tmp_path}/run"])
     assert proc.returncode == 2 and heavy == []
     assert f"data.shards[0]: '{tmp_path}/nothing/*.tar'" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_samples_for_the_virtual_streams_stop_the_cli(probe_cli, tmp_path):
+    """4 vqa samples cannot feed 64 virtual streams: refused at launch, naming the fix."""
+    write_task_shards(tmp_path / "d", ("vqa",), per_task=4, per_shard=2)
+    proc, heavy = probe_cli("qwenvl_train.cli.train", [
+        "stage=multitask", "data=shards", f"data.shards=[{tmp_path}/d/vqa-*.tar]",
+        f"run_dir={tmp_path}/run"])
+    assert proc.returncode == 2 and heavy == [], proc.stderr[-2000:]
+    assert "data.virtual_streams=64: source(s) 'shards0' (4)" in proc.stderr
+    assert "set data.virtual_streams to at most 4" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

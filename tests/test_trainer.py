@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,66 @@ def test_stages_chain_1_to_2_to_3_on_demo_data(run_cli, demo_data, tmp_path):
     for group in ("adapter", "llm"):
         assert equal_tensors(s2[group], s3[group])
     assert json.loads((runs["multitask"] / "config.json").read_text())["stage"]["image_size"] == 448
+
+
+ELASTIC = ("parallel=single", "stage.global_batch_size=8", "stage.micro_batch_size=1",
+           "export_at_end=false")
+
+
+def test_resume_with_more_data_parallel_ranks_matches_the_uninterrupted_losses(
+        run_cli, torchrun, demo_data, tmp_path):
+    """One process saves at step 2; two processes resume it (the data state is global, and
+    ZeRO-0's DeepSpeed files reload under any dp size). Steps 3-4 train on the same global
+    batches, each rank on its balanced share.
+
+    Tolerance 1e-5 relative: both runs compute the same 8 micro-batch losses and gradients
+    (fp32, CPU) and differ only in the order they are summed (8 accumulated micro-batches
+    in one process vs 4 per rank plus an all-reduce over 2), ~1e-7 relative per reordering;
+    Adam's normalised update keeps that order of relative change, over 2 steps. Measured:
+    ~1e-7."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = run_cli(TRAIN[1], overrides(ref, demo_data, *ELASTIC, steps=4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(ref / "checkpoints" / "step_0000002",
+                    run / "checkpoints" / "step_0000002")
+    (run / "checkpoints" / "latest").write_text("step_0000002")
+    (run / "metrics.jsonl").write_text(
+        "".join((ref / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    torchrun([*TRAIN, *overrides(run, demo_data, *ELASTIC, steps=4)], nproc=2)
+    want, got = losses(ref), losses(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in (3, 4)), (want, got)
+    assert metrics(run)[-1]["data/samples"] == metrics(ref)[-1]["data/samples"] == 32
+
+
+def test_launch_refuses_what_a_resume_cannot_honour(demo_data, tmp_path, zero2_reference):
+    """Checked before any process group starts, naming the key and the numbers."""
+    from qwenvl_train.config import ConfigError, load_config
+    from qwenvl_train.training.elastic import check_resume
+
+    ref = zero2_reference[0]  # 2 ranks, ZeRO-2, global batch 4, 8 virtual streams
+    run = tmp_path / "run"
+    tag = latest_tag(ref)
+    (run / "checkpoints" / tag).mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text(tag)
+    shutil.copy(ref / "checkpoints" / tag / "data_state.json", run / "checkpoints" / tag)
+
+    def refused(world: int, *extra: str) -> str:
+        cfg = load_config(overrides(run, demo_data, *ZERO2, *extra))
+        with pytest.raises(ConfigError) as e:
+            check_resume(cfg, world)
+        return str(e.value)
+
+    assert "data.virtual_streams: the checkpoint" in refused(2, "data.virtual_streams=16")
+    assert "written with 4, this run has 8" in refused(2, "stage.global_batch_size=8")
+    assert "dp=2 ranks with ZeRO-2" in refused(1)
+    check_resume(load_config(overrides(run, demo_data, *ZERO2, "data.num_workers=0")), 2)
+    # `qwenvl-train` runs it with the launch's world size, before distributed init, after
+    # checking that the virtual streams cover this launch's readers.
+    from qwenvl_train.config import validate_launch
+
+    with pytest.raises(ConfigError, match="ZeRO-2"):
+        validate_launch(load_config(overrides(run, demo_data, *ZERO2)), world_size=1)
+    with pytest.raises(ConfigError, match=r"dp=4 x 1 loader worker\(s\) = 4 readers"):
+        validate_launch(load_config(overrides(run, demo_data, *ZERO2, "data.virtual_streams=2",
+                                              "stage.micro_batch_size=1")), world_size=4)

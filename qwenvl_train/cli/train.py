@@ -64,10 +64,16 @@ class RunLogFile(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(run_dir: str) -> None:
+def _console_logging() -> int:
+    """Rank 0 logs INFO to the console, the other ranks warnings only; returns the rank."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=LOG_FORMAT.format(rank=rank), datefmt="%H:%M:%S", force=True)
+    return rank
+
+
+def _setup_logging(run_dir: str) -> None:
+    rank = _console_logging()
     if rank == 0:
         handler = RunLogFile(Path(run_dir) / "train.log")
         handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank),
@@ -78,6 +84,7 @@ def _setup_logging(run_dir: str) -> None:
 def _checked(raw: DictConfig | None, overrides: list[str]
              ) -> tuple[TrainConfig, list[TrainerCallback]]:
     """The validated config and its callbacks, or exit 2 with the one-line reason."""
+    _console_logging()  # what the checks report (e.g. sizes read from the weights)
     try:
         cfg = to_schema(raw if raw is not None else compose(overrides))
         validate_launch(cfg, int(os.environ.get("WORLD_SIZE", 1)))

@@ -32,6 +32,11 @@ class DataConfig:
     # pattern, absolute or relative to `root` (see `parse_shards_entry`).
     shards: list[str] = field(default_factory=list)
     num_workers: int = 1
+    # V: the run's sample order is made by V virtual streams, dealt to the dp ranks' loader
+    # workers (data/global_order.py). Fixed for a run (a resume refuses another V); every
+    # dp x max(1, num_workers) you resume with must be <= V, and ideally divide it.
+    virtual_streams: int = 64
+    balance: bool = True              # assign micro-batches to dp ranks by estimated cost
     prefetch_factor: int = 2
     shuffle: bool = True              # reshuffle shard order and in-shard order per epoch
     max_consecutive_bad: int = 32     # more bad samples in a row than this stop the run
@@ -67,7 +72,7 @@ class DataConfig:
             raise ValueError(f"{prefix}.shards: data=shards trains on the shards you list, e.g. "
                              f"{prefix}.shards='[/data/a/*.tar,/data/b/*.tar:0.5]'")
         self.all_sources(prefix)  # parses the `shards` entries
-        for key, low in (("num_workers", 0), ("prefetch_factor", 1),
+        for key, low in (("num_workers", 0), ("virtual_streams", 1), ("prefetch_factor", 1),
                          ("max_consecutive_bad", 0), ("max_image_pixels", 1),
                          ("pack_buffer", 1), ("pad_to_multiple_of", 1)):
             v = getattr(self, key)

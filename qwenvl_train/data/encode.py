@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from qwenvl_train.tokens import IGNORE_INDEX
@@ -30,8 +31,8 @@ class Tokens:
 class EncodedSample:
     input_ids: torch.Tensor  # long [L]
     labels: torch.Tensor  # long [L]
-    # uint8 [n, 3, S, S], resized, not yet normalised: collate writes the float batch
-    # (images.normalize_into); keeps packing buffers and worker memory 4x smaller.
+    # uint8 [n, 3, S, S], resized, not normalised: batches stay uint8 (4x smaller than
+    # float) and the model normalises on its device (model/vision.py:normalize_images).
     images: torch.Tensor
     task: str
     source: str
@@ -93,8 +94,9 @@ def encode_tokens(sample: Sample, template: str, tokenizer: QwenVLTokenizer,
 
 def to_encoded(sample: Sample, tokens: Tokens, images: torch.Tensor,
                address: tuple = ()) -> EncodedSample:
+    # Through numpy: 3x faster than torch.tensor(list) on a few hundred ints.
     return EncodedSample(
-        input_ids=torch.tensor(tokens.input_ids, dtype=torch.long),
-        labels=torch.tensor(tokens.labels, dtype=torch.long),
+        input_ids=torch.from_numpy(np.array(tokens.input_ids, dtype=np.int64)),
+        labels=torch.from_numpy(np.array(tokens.labels, dtype=np.int64)),
         images=images, task=sample.task, source=sample.source, key=sample.key,
         address=address)

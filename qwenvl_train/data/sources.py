@@ -1,12 +1,12 @@
 """Sources as one stream sees them: each source's sample order (steps 2-3 of loader.py)
 and the weighted blend over sources (step 8).
 
-`SourceOrder` says which shard/sample of one source a (rank, worker) stream reads next and
-hands out its tar entries; `Blender` picks the source of each draw. Every random choice
+`SourceOrder` says which shard/sample of one source a virtual stream reads next and hands
+out its tar entries; `Blender` picks the source of each draw. Every random choice
 is a pure function of (seed, names, epoch, counters), so a position of a few integers is
 the whole state, and a resumed stream jumps straight back.
 
-Splitting a source over S = dp_size x workers streams:
+Splitting a source over S = data.virtual_streams streams:
 * shard mode (>= S shards): each epoch the shard list is permuted (same permutation in
   every stream) and stream g reads shards g, g+S, g+2S, ...;
 * sample mode (< S shards, "resampling"): every stream walks all shards in the epoch's
@@ -141,10 +141,11 @@ class SourceOrder:
         limit = 1 if self.mode == "sample" else 16
         if p["empty"] >= limit:
             raise RuntimeError(
-                f"data source {self.name!r}: stream {self.g} of {self.n_streams} found no "
-                f"usable sample in {p['empty']} epoch(s) over {len(self.shards)} shard(s) "
-                f"({self.mode} mode). Too few samples for this many streams, or none that "
-                "the stage template accepts: check the source's shards and weights.")
+                f"data source {self.name!r}: virtual stream {self.g} of {self.n_streams} found "
+                f"no usable sample in {p['empty']} epoch(s) over {len(self.shards)} shard(s) "
+                f"({self.mode} mode). Too few samples for data.virtual_streams="
+                f"{self.n_streams} (a new run can use fewer), or none that the stage template "
+                "accepts: check the source's shards and weights.")
         p.update(epoch=p["epoch"] + 1, shard=0, sample=0, run=0, valid=0)
         self.close()
 

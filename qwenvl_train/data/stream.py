@@ -1,7 +1,8 @@
-"""One data stream: what one DataLoader worker of one dp rank runs. `Stream.batches` is
-steps 2-10 of loader.py written out in order, one named stage per line (steps 2-7 of a
-source in `samples` and `load`, one call per step); the stream yields
-(batch, cursor) pairs, the cursor being its resumable position.
+"""One virtual stream (global_order.py): a loader worker runs the few it is dealt.
+`Stream.batches` is steps 2-10 of loader.py written out in order, one named stage per line
+(steps 2-7 of a source in `samples` and `load`, one call per step); the stream yields
+(micro-batch, cursor) pairs, the cursor being its resumable position. Nothing in a stream
+depends on the layout (dp size, workers): only on its id v of `virtual_streams`.
 
 Each stage is a generator over the one before. Everything a stage keeps between two
 batches lives on the Stream (source positions, draws, packer, ready rows), never inside a
@@ -52,6 +53,8 @@ class LoaderSpec:
     dp_rank: int
     dp_size: int
     num_workers: int  # DataLoader workers (0 = in the training process)
+    virtual_streams: int = 1  # V: fixed for a run (global_order.py)
+    global_batch_size: int = 0  # rows per step; 0 = micro_batch_size x dp_size
     prefetch_factor: int = 2
     shuffle: bool = True
     max_consecutive_bad: int = 32
@@ -60,15 +63,23 @@ class LoaderSpec:
     pad_to_multiple_of: int = 8
 
     @property
-    def streams_per_rank(self) -> int:
+    def readers_per_rank(self) -> int:
         return max(1, self.num_workers)
 
+    @property
+    def micro_per_step(self) -> int:
+        """M: micro-batches in one global step."""
+        return (self.global_batch_size or self.micro_batch_size * self.dp_size) \
+            // self.micro_batch_size
+
     def fingerprint(self) -> dict:
-        """What must match for a saved position to mean the same data."""
+        """What must match for a saved position to mean the same data. The layout (dp
+        rank and size, loader workers) is not part of it."""
         d = asdict(self)
-        for k in ("dp_rank", "num_workers", "prefetch_factor", "max_consecutive_bad"):
+        for k in ("dp_rank", "dp_size", "num_workers", "prefetch_factor",
+                  "max_consecutive_bad", "global_batch_size"):
             d.pop(k)
-        d["streams_per_rank"] = self.streams_per_rank
+        d["micro_per_step"] = self.micro_per_step
         d["sources"] = [[n, len(s), w] for n, s, w in self.sources]
         return json.loads(json.dumps(d))
 
@@ -81,14 +92,13 @@ def new_stats() -> dict:
 class Stream:
     """One data stream: steps 2-10 of loader.py, producing (batch, cursor) forever."""
 
-    def __init__(self, spec: LoaderSpec, tokenizer: QwenVLTokenizer, local_id: int,
+    def __init__(self, spec: LoaderSpec, tokenizer: QwenVLTokenizer, stream_id: int,
                  cursor: dict | None = None):
         self.spec, self.tok = spec, tokenizer
-        n = spec.streams_per_rank
-        self.g = spec.dp_rank * n + local_id
+        self.g = stream_id  # virtual stream v of spec.virtual_streams
         cache = IndexCache()
         self.sources = [
-            SourceOrder(name, spec.root, shards, spec.seed, self.g, spec.dp_size * n,
+            SourceOrder(name, spec.root, shards, spec.seed, self.g, spec.virtual_streams,
                         spec.shuffle, cache, self._bad_tar)
             for name, shards, _ in spec.sources]
         self.blender = Blender([w for _, _, w in spec.sources], spec.seed, self.g)
@@ -166,7 +176,9 @@ class Stream:
             yield rows
 
     def collate(self, rows: Rows) -> dict:
-        """Step 10: rows -> the batch dict of docs/contracts.md; counts what went in."""
+        """Step 10: rows -> the batch dict of docs/contracts.md, images uint8 (the model
+        normalises them on its device: 4x less to hold for a step, to move between ranks
+        and to send to the trainer); counts what went in."""
         spec = self.spec
         if self.packer is not None:
             batch = collate(rows, self.tok.pad_id, spec.image_size, length=spec.seq_len)

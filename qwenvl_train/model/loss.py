@@ -6,9 +6,10 @@ chunked path runs the head over `chunk` label positions at a time, computes each
 fp32 softmax, and turns it into the gradients of the head's input and weight right away,
 in the forward pass -- the loss is the graph's end, so the upstream gradient is a scalar
 and scales them in backward. Peak extra memory: one [chunk, vocab] fp32 block (~256 MiB,
-whatever the number of tokens) plus the gradients of the head's input ([N, hidden]) and,
-when the head trains, of its weight (parameter-sized) held until backward. Same matmul
-FLOPs as the plain path (forward, grad-input, grad-weight); no recomputation.
+whatever the number of tokens; with a bf16 head, + its bf16 copy) plus the gradients of
+the head's input ([N, hidden]) and, when the head trains, of its weight (parameter-sized)
+held until backward. Same matmul FLOPs as the plain path (forward, grad-input,
+grad-weight); no recomputation.
 
 `LMHead` is transformers' `lm_head` (an nn.Linear; QwenVL swaps its class, so weight,
 name and ZeRO-3 hooks stay those of the original module): `head(h)` gives logits as
@@ -46,20 +47,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            h, t = hidden[start:stop], targets[start:stop, None]
-            logits = F.linear(h, weight).float()  # [c, V], fp32 from here on
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            ce[start:stop] = (lse - logits.gather(1, t)).squeeze(1)
-            if not (need_hidden or need_weight):
-                continue
-            # d CE / d logits = softmax - one_hot(target), built in place in the block.
-            grad = logits.sub_(lse).exp_()
-            grad.scatter_add_(1, t, grad.new_full(t.shape, -1.0))
-            grad = grad.to(weight.dtype)
-            if need_hidden:
-                torch.mm(grad, weight, out=grad_hidden[start:stop])
-            if need_weight:
-                grad_weight.addmm_(grad.t(), h)
+            ce[start:stop] = _chunk_loss(
+                hidden[start:stop], weight, targets[start:stop, None],
+                grad_hidden[start:stop] if need_hidden else None, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.used = False
         ctx.mark_non_differentiable(ce)
@@ -76,6 +66,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_sum.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor,
+                grad_hidden_out: torch.Tensor | None, grad_weight: torch.Tensor | None
+                ) -> torch.Tensor:
+    """CE [c] of one chunk; writes its gradient of `h` into `grad_hidden_out` and adds its
+    gradient of `weight` into `grad_weight` (each when given). The softmax is built in
+    place in the fp32 logits block (`logsumexp` would allocate a second [c, V] block), and
+    the blocks are freed on return, before the next chunk's: at most one fp32 [c, V] block
+    plus its copy in the weight's dtype (bf16) exist at once."""
+    logits = F.linear(h, weight).float()  # [c, V], fp32 from here on
+    target_logit = logits.gather(1, t)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()  # in place: `logits` now holds exp(logit - max)
+    total = probs.sum(dim=-1, keepdim=True)
+    ce = (total.log() + top - target_logit).squeeze(1)
+    if grad_hidden_out is None and grad_weight is None:
+        return ce
+    # d CE / d logits = softmax - one_hot(target)
+    probs.div_(total).scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+    grad = probs.to(weight.dtype)
+    del logits, probs  # the fp32 block (a no-op when the weight is fp32: the same tensor)
+    if grad_hidden_out is not None:
+        torch.mm(grad, weight, out=grad_hidden_out)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.t(), h)
+    return ce
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,

@@ -18,25 +18,25 @@ from torch.utils.checkpoint import checkpoint
 from qwenvl_train.data.images import CLIP_MEAN, CLIP_STD
 from qwenvl_train.model.config import VisionConfig
 
-# x_norm = x_uint8 * scale + shift per channel, the math of data/images.py:normalize_into.
+# x_norm = x_uint8 * scale + shift per channel: (x / 255 - mean) / std as one multiply-add.
 _CLIP_AFFINE = torch.tensor([[1.0 / (255.0 * s) for s in CLIP_STD],
                              [-m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)]])
 _affine_on: dict[torch.device, torch.Tensor] = {}
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A batch's images, already on the device -> the ViT's input in `dtype`.
+    """A batch's images on their device -> the ViT's input in `dtype`.
 
-    uint8 [N, 3, S, S] are CLIP-normalised in fp32 (the data path's exact math) and then
-    cast; float images (normalised by the data path) are only cast. The per-channel
-    constants are copied to each device once, so a step makes no host transfer for them."""
-    if images.dtype == torch.uint8:
-        affine = _affine_on.get(images.device)
-        if affine is None:
-            affine = _affine_on[images.device] = _CLIP_AFFINE.to(images.device)
-        scale, shift = affine[0].view(3, 1, 1), affine[1].view(3, 1, 1)
-        images = images.float().mul_(scale).add_(shift)
-    return images.to(dtype)
+    uint8 [N, 3, S, S] (what the data path ships) are CLIP-normalised in fp32 and then
+    cast; float images (already normalised, e.g. by `data.images.load_image`) are only
+    cast. The constants are copied to each device once: no host transfer per step."""
+    if images.dtype != torch.uint8:
+        return images.to(dtype)
+    affine = _affine_on.get(images.device)
+    if affine is None:
+        affine = _affine_on[images.device] = _CLIP_AFFINE.to(images.device)
+    scale, shift = affine[0].view(3, 1, 1), affine[1].view(3, 1, 1)
+    return images.float().mul_(scale).add_(shift).to(dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -103,7 +103,8 @@ class ViTBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Images [N, 3, S, S] -> patch features [N, (S/p)^2, width], row-major patch order."""
+    """Images [N, 3, S, S] (uint8, or float already normalised) -> patch features
+    [N, (S/p)^2, width], row-major patch order."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -123,7 +124,7 @@ class VisionTransformer(nn.Module):
         p = self.cfg.patch_size
         if images.shape[-1] % p or images.shape[-2] % p:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {p}")
-        x = self.conv1(images.to(self.conv1.weight.dtype))
+        x = self.conv1(normalize_images(images, self.conv1.weight.dtype))
         x = rearrange(x, "n c h w -> n (h w) c")
         x = x + resize_pos_table(self.positional_embedding, x.shape[1]).to(x.dtype)
         x = self.ln_pre(x)

@@ -2,7 +2,9 @@
 
 Layout of `run_dir/checkpoints/`:
   step_000100/            DeepSpeed's model + optimizer (+ scheduler) files for every rank,
-                          and `trainer_rank{r}.pt` (step, loader position, RNG) per rank
+                          `trainer_rank{r}.pt` (step, counters, RNG) per rank, and
+                          `data_state.json` (rank 0): every virtual stream's position and
+                          the layout that wrote it (data/loader.py, training/elastic.py)
   latest                  the tag of the newest COMPLETE checkpoint; moved last, atomically
 A crash during a save leaves `latest` pointing at the previous complete checkpoint.
 Only trainable tensors are saved (with LoRA: its matrices and the fully trained groups);
@@ -11,6 +13,8 @@ frozen ones come from the model build on resume (`init_from` / `model.weights` /
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -26,6 +30,8 @@ from qwenvl_train.model.source_config import resolve_init_from  # noqa: F401 (to
 
 LATEST = "latest"
 TRAINABLE = "trainable"  # names of this rank's trainable parameters, checked on resume
+DATA_STATE = "data_state.json"
+log = logging.getLogger("qwenvl_train")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -66,14 +72,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
-         keep_last: int, on_written: Callable[[Path], None] | None = None) -> Path:
+         keep_last: int, on_written: Callable[[Path], None] | None = None,
+         data_state: dict | None = None) -> Path:
     """Save on every rank; move `latest` only after every rank finished writing.
-    `on_written(path)` runs once this rank's files are in `path`, before `latest` moves."""
+    `on_written(path)` runs once this rank's files are in `path`, before `latest` moves.
+    `data_state` (the loader's global state, on rank 0) goes into `data_state.json`."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     torch.save({**trainer_state, "rng": rng_state(), TRAINABLE: _trainable_names(engine)},
                root / tag / f"trainer_rank{rank}.pt")
+    if rank == 0 and data_state is not None:
+        (root / tag / DATA_STATE).write_text(json.dumps(data_state))
     if on_written is not None:
         on_written(root / tag)
     dist.barrier()
@@ -96,7 +106,14 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
 def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     """Restore model, optimizer and scheduler through DeepSpeed; return this rank's state."""
     root = checkpoint_dir(run_dir)
-    path = root / tag / f"trainer_rank{rank}.pt"
+    # Written by another number of processes (an elastic resume, checked at launch by
+    # training/elastic.py): the counters are the same on every rank, take rank 0's; the
+    # per-rank RNG streams have no counterpart, each rank keeps its seeded one.
+    data_state = root / tag / DATA_STATE  # absent when no loader saved (test workers)
+    saved_world = (json.loads(data_state.read_text()).get("layout", {}).get("world_size")
+                   if data_state.exists() else None)
+    same_layout = saved_world in (None, dist.get_world_size())
+    path = root / tag / f"trainer_rank{rank if same_layout else 0}.pt"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: the checkpoint was written by fewer ranks than this run has; "
@@ -111,7 +128,12 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    set_rng_state(state.pop("rng"))
+    rng = state.pop("rng")
+    if same_layout:
+        set_rng_state(rng)
+    elif rank == 0:
+        log.warning("resuming a checkpoint of %d processes with %d: RNG states not restored",
+                    saved_world, dist.get_world_size())
     return state
 
 
@@ -131,4 +153,15 @@ def _check_trainable(saved: list[str] | None, engine, where: Path) -> None:
             f"or model.lora changed?): this run also trains {missing[:4]}, the checkpoint "
             f"also has {extra[:4]}; resume with the saving run's config, or start a new "
             "run_dir with init_from")
+
+
+def load_data_state(run_dir: str | Path, tag: str) -> dict:
+    """The data position of every virtual stream (`data_state.json` of checkpoint `tag`)."""
+    path = checkpoint_dir(run_dir) / tag / DATA_STATE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint predates the layout-independent data order "
+            "(or is incomplete); resume it with the code that wrote it, or start the stage "
+            "in a new run_dir")
+    return json.loads(path.read_text())
 

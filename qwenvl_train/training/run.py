@@ -128,7 +128,7 @@ def dummy_batch(cfg: TrainConfig) -> dict:
         "labels": torch.tensor([[IGNORE_INDEX, tok.eod_id]]),
         "position_ids": torch.tensor([[0, 1]]),
         "segment_ids": torch.ones_like(ids),
-        "images": torch.zeros(0, 3, size, size),
+        "images": torch.zeros(0, 3, size, size, dtype=torch.uint8),
         "task_ids": torch.zeros_like(ids),
     }
 
@@ -166,6 +166,7 @@ def export(cfg: TrainConfig, par, dist_info: DistInfo) -> dict[str, Path]:
 def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
     """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
+    from qwenvl_train.training.elastic import build_exchange, micro_batch_cost
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
@@ -192,6 +193,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     del model
 
     loader = None
+    exchange = build_exchange(cfg, par)  # collective: the readers' group (None elsewhere)
     if par.reads_data:  # one reader per model replica; pipeline/TP peers receive from it
         # data.num_workers workers, at most one per CPU of this process
         loader = build_loader(
@@ -199,13 +201,15 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
             image_size=cfg.stage.image_size, seq_len=cfg.stage.seq_len, pack=cfg.stage.pack,
             num_image_tokens=cfg.model.adapter.num_queries, dp_rank=par.dp_rank,
             dp_size=dp_size, micro_batch_size=cfg.stage.micro_batch_size, seed=cfg.seed,
+            global_batch_size=cfg.stage.global_batch_size, exchange=exchange,
+            cost=micro_batch_cost(cfg),
         )
     state, meter_state = TrainState(), {}
     tag = _agreed(ckpt.latest_tag(run_dir) if cfg.resume == "auto" else None)
     if tag:
         state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
         if loader is not None:
-            loader.load_state_dict(state.loader)
+            loader.load_state_dict(ckpt.load_data_state(run_dir, tag))
         meter_state = state.meter
         log.info("resumed from %s at step %d", tag, state.step)
     source = iter(loader) if loader is not None else None

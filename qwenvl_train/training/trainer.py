@@ -303,12 +303,14 @@ class Trainer:
         return last
 
     def save(self) -> None:
-        self.state.loader = self.loader.state_dict() if self.loader is not None else {}
+        # Every virtual stream's position (a collective over the readers); rank 0 writes it.
+        data_state = self.loader.state_dict() if self.loader is not None else None
         self.state.meter = self.meter.state_dict()
         step = self.state.step
         ckpt.save(self.engine, self.cfg.run_dir, step, vars(self.state).copy(),
                   self.dist.rank, self.cfg.checkpoint.keep_last,
-                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path))
+                  on_written=lambda path: self.callbacks.on_checkpoint_written(self, step, path),
+                  data_state=data_state)
 
     def _log(self, result: StepResult) -> dict:
         step = self.state.step

@@ -94,9 +94,9 @@ def check_device_support(cfg: TrainConfig) -> None:
                           "FlexAttention has no CPU backward); use auto or sdpa on CPU")
 
 
-def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
-    check_device_support(cfg)
-    accum = cfg.stage.grad_accumulation_steps(dp_size)
+def zero_optimization(cfg: TrainConfig) -> dict:
+    """The `zero_optimization` section DeepSpeed gets: ours, then `parallel.deepspeed`'s
+    (also what the planner's buffer model reads, training/observe/memory.py)."""
     zero: dict = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage in (1, 2):
         # Reduce gradient buckets while backward still runs (ZeRO-3 overlaps by default).
@@ -106,13 +106,19 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
     if cfg.parallel.zero_stage == 3:
         # Gather full weights into one file at save time is not needed: export gathers itself.
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    return _deep_merge(zero, dict(dict(cfg.parallel.deepspeed).get("zero_optimization") or {}))
+
+
+def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
+    check_device_support(cfg)
+    accum = cfg.stage.grad_accumulation_steps(dp_size)
     bf16 = uses_bf16(cfg)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.stage.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": cfg.stage.micro_batch_size * accum * dp_size,
         "gradient_clipping": cfg.stage.optim.grad_clip,
-        "zero_optimization": zero,
+        "zero_optimization": zero_optimization(cfg),
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": cfg.stage.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
