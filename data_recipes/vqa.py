@@ -4,12 +4,14 @@
   question, question_id}]}) + `v2_mscoco_train2014_annotations.json` ({annotations:
   [{question_id, answers: [{answer}...] (10), multiple_choice_answer}]}) + COCO images
   `COCO_train2014_{image_id:012d}.jpg` (2017 names `{image_id:012d}.jpg` also found).
-  Answer: the most common of the 10 human answers (default) or `multiple_choice_answer`.
+  Answer: the most common of the 10 human answers (default) or `multiple_choice_answer`;
+  all 10 are kept in `qa[i].answers`, which evaluation scores with the VQAv2 rule.
 - GQA balanced: `train_balanced_questions.json`, one object {question_id: {imageId,
   question, answer, fullAnswer, ...}} + `images/{imageId}.jpg`.
 - Any table of (image, question, answer) rows (`vqa_table`): parquet / JSON(L), e.g. the
   Hugging Face exports of DocVQA, TextVQA, ChartQA, OCR-VQA, AI2D, DVQA. The answer field
-  may hold a string, a list of strings or VQAv2-style dicts (the most common one is taken).
+  may hold a string, a list of strings or VQAv2-style dicts (the most common one is the
+  training answer; a list of several is kept in `qa[i].answers`).
   Image paths in rows are relative to `image_root`, by default the table file's folder.
 
 `qa_per_sample` > 1 groups consecutive questions on the same image into one sample
@@ -37,11 +39,26 @@ from data_recipes.runner import Converter
 from data_recipes.wds import iter_table
 
 
+def answer_texts(answers: list[dict[str, Any]]) -> list[str]:
+    """The non-empty human answers, whitespace-normalised, in order (repeats kept: the
+    VQAv2 rule counts annotators)."""
+    texts = [" ".join(str(a.get("answer", "")).split()) for a in answers]
+    return [t for t in texts if t]
+
+
 def most_common_answer(answers: list[dict[str, Any]]) -> str | None:
     """Majority of the human answers; ties go to the answer given first."""
-    texts = [" ".join(str(a.get("answer", "")).split()) for a in answers]
-    texts = [t for t in texts if t]
+    texts = answer_texts(answers)
     return Counter(texts).most_common(1)[0][0] if texts else None
+
+
+def qa_record(qa: dict) -> dict:
+    """A record's QA pair: the training answer, plus every reference answer when the source
+    has more than one."""
+    out = {"question": qa["question"], "answer": qa["answer"]}
+    if len(qa.get("answers") or []) > 1:
+        out["answers"] = list(qa["answers"])
+    return out
 
 
 def group_consecutive(items: Iterator[tuple[Any, dict]], limit: int) -> Iterator[Any]:
@@ -83,7 +100,7 @@ class _VQABase(Converter):
         im = self._image(image_id)
         record = {"task": "vqa", "source": self.source,
                   "images": [{"width": im.width, "height": im.height}],
-                  "qa": [{"question": q["question"], "answer": q["answer"]} for q in qas]}
+                  "qa": [qa_record(q) for q in qas]}
         return Converted(self.item_key(item), record, [(im.ext, im.data)])
 
 
@@ -105,16 +122,19 @@ class VQAv2(_VQABase):
         return [self.src] + ([self.annotations] if self.annotations else [])
 
     def _pairs(self) -> Iterator[tuple[Any, dict]]:
-        answers: dict[Any, str | None] = {}
+        answers: dict[Any, tuple[str | None, list[str]]] = {}
         if self.annotations:
             for a in iter_array(self.annotations, "annotations"):
+                humans = a.get("answers") or []
                 if self.answer == "most_common":
-                    answers[a["question_id"]] = most_common_answer(a.get("answers") or [])
+                    answer = most_common_answer(humans)
                 else:
-                    answers[a["question_id"]] = a.get("multiple_choice_answer")
+                    answer = a.get("multiple_choice_answer")
+                answers[a["question_id"]] = (answer, answer_texts(humans))
         for q in iter_array(self.src, "questions"):
+            answer, humans = answers.get(q["question_id"], (None, []))
             qa = {"id": q["question_id"], "question": " ".join(str(q["question"]).split()),
-                  "answer": answers.get(q["question_id"])}
+                  "answer": answer, "answers": humans}
             yield q["image_id"], qa
 
     def _image_path(self, image_id: Any) -> str:
@@ -153,8 +173,17 @@ def answer_of(value: Any) -> str | None:
     if isinstance(value, str):
         return " ".join(value.split()) or None
     if isinstance(value, list) and value:
-        return most_common_answer([v if isinstance(v, dict) else {"answer": v} for v in value])
+        return most_common_answer(_as_dicts(value))
     return None
+
+
+def answers_of(value: Any) -> list[str]:
+    """Every reference answer of a list-valued answer field (none for a single string)."""
+    return answer_texts(_as_dicts(value)) if isinstance(value, list) else []
+
+
+def _as_dicts(values: list) -> list[dict[str, Any]]:
+    return [v if isinstance(v, dict) else {"answer": v} for v in values]
 
 
 class VQATable(_VQABase):
@@ -184,7 +213,8 @@ class VQATable(_VQABase):
                 image = resolve(root, img) if isinstance(img, str) else {
                     self.image_field: img, "key": row.get("key"), "root": root}
                 yield image, {"id": row.get("question_id", index), "question": q,
-                              "answer": answer_of(ans) if q else None}
+                              "answer": answer_of(ans) if q else None,
+                              "answers": answers_of(ans)}
                 index += 1
 
     def _image(self, image_id: Any):

@@ -7,6 +7,7 @@ Each component's dataclass lives beside the code it configures (torch-free):
   data                            data/config.py       (DataConfig)
   tracking                        training/observe/config.py (TrackingConfig)
   parallel                        training/parallel/config.py (ParallelConfig)
+  eval                            eval/config.py       (EvalConfig)
 Hydra composes `configs/train.yaml` onto `TrainConfig` (registered as `train_schema`, the
 first entry of its defaults), so a YAML lists only what differs from the defaults, every
 key can be overridden, and an unknown key or a value of the wrong type fails naming it;
@@ -35,6 +36,7 @@ from omegaconf.errors import (
 from qwenvl_train.checks import ConfigError, choice, positive
 from qwenvl_train.data.config import DataConfig
 from qwenvl_train.data.reader import expand_sources
+from qwenvl_train.eval.config import EvalConfig
 from qwenvl_train.model.config import ExportConfig, QwenVLConfig
 from qwenvl_train.training.config import CheckpointConfig, StageConfig
 from qwenvl_train.training.observe.config import TrackingConfig
@@ -52,6 +54,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/pretrain"
     seed: int = 1234
     init_from: str | None = None
@@ -72,6 +75,7 @@ class TrainConfig:
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
         self.export.validate("export")
+        self.eval.validate("eval")
         choice("resume", self.resume, ("auto", "never"))
         choice("nan_policy", self.nan_policy, ("skip", "stop"))
         positive("log_every", self.log_every)
@@ -106,6 +110,7 @@ def validate_launch(cfg: TrainConfig, world_size: int) -> int:
     expand_sources(cfg.data)  # every source matches shards (one error lists those that don't)
     check_cover(cfg.data.virtual_streams, sizes.dp, cfg.data.num_workers)
     check_source_sizes(cfg.data, cfg.stage.template)
+    cfg.eval.check_shards(cfg.data.root)
     from qwenvl_train.training.elastic import check_resume  # reads a checkpoint: torch
 
     check_resume(cfg, world_size)  # what a resume may change (README "Resuming")

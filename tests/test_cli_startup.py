@@ -10,7 +10,7 @@ import pytest
     ("qwenvl_train.cli.data", ["--help"], 0, "{inspect,convert,demo}"),
     ("qwenvl_train.cli.data", ["inspect", "--help"], 0, "--draw DIR"),
     ("qwenvl_train.cli.data", ["inspect", "x.tar", "--stage", "bogus"], 2, "invalid choice"),
-    ("qwenvl_train.cli.eval", ["--help"], 0, "{caption,vqa,grounding}"),
+    ("qwenvl_train.cli.eval", ["--help"], 0, "{caption,vqa,grounding,chat}"),
     ("qwenvl_train.cli.eval", ["--export", "x", "--shards", "y", "--task", "ocr"], 2,
      "invalid choice: 'ocr'"),
 ])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_recipes.demo import FULL, SMALL, build_demo
+from data_recipes.demo import FULL, SMALL, VAL_SMALL, build_demo
 from data_recipes.demo.assets import cjk_font_path
 from data_recipes.demo.scenes import COLOURS
 from data_recipes.wds import read_samples
@@ -37,6 +37,7 @@ def test_small_build_is_deterministic_fast_and_complete(small, tmp_path):
     assert seconds < 10
     again = build_demo(tmp_path / "again", small=True)
     assert _digests(out) == _digests(tmp_path / "again")
+    assert _digests(out / "val") == _digests(tmp_path / "again" / "val")
     assert {t: m["num_samples"] for t, m in manifest["tasks"].items()} == SMALL
     assert set(SMALL) == set(TASKS)
     assert manifest["tasks"] == again["tasks"]
@@ -113,3 +114,21 @@ def test_full_build_counts_and_time(tmp_path):
     build_demo(tmp_path, small=True)  # a smaller rebuild leaves no stale shards behind
     assert sum(1 for _ in tmp_path.glob("*.tar")) == sum(
         len(m["shards"]) for m in build_demo(tmp_path, small=True)["tasks"].values())
+
+
+def test_held_out_split_is_complete_and_unseen(small):
+    """val/: one shard per eval task; its caption, VQA and scene images are none of the
+    training images (dialogues may show the same few photos as training does)."""
+    out, manifest, _ = small
+    assert {t: m["num_samples"] for t, m in manifest["val"].items()} == VAL_SMALL
+    assert sorted(p.name for p in (out / "val").glob("*.tar")) == [
+        f"{t}-00000.tar" for t in sorted(VAL_SMALL)]
+    train, val = read_samples(str(out)), read_samples(str(out / "val"))
+    assert len(val) == sum(VAL_SMALL.values()) and not set(val) & set(train)
+    seen = {img for _, images in train.values() for img in images}
+    for rec, images in val.values():
+        parse_record(rec, "k", image_indices=set(range(len(images))))
+        if rec["task"] != "chat":
+            assert not any(img in seen for img in images), rec
+        if rec["task"] == "caption":  # every caption of the photo is a reference
+            assert rec["caption"] in rec["captions"]

@@ -78,7 +78,8 @@ def test_vqav2(tmp_path):
     assert got["q458752000"] == ({"task": "vqa", "source": "vqav2",
                                   "images": [{"width": 64, "height": 48}],
                                   "qa": [{"question": "What is this photo taken looking through?",
-                                          "answer": "net"}]}, [_jpeg()])
+                                          "answer": "net",
+                                          "answers": ["net"] * 9 + ["netting"]}]}, [_jpeg()])
     # 5 x pitcher vs 5 x catcher: the tie goes to the first answer given ("catcher").
     assert got["q458752001"][0]["qa"][0]["answer"] == "catcher"
     assert got["q262146000"][0]["qa"][0]["answer"] == "hill"
@@ -88,11 +89,15 @@ def test_vqav2(tmp_path):
                              qa_per_sample=3), tmp_path / "grouped")
     got = read_samples(str(tmp_path / "grouped"))
     assert m["num_samples"] == 2
+    pitcher = ["catcher", "pitcher", "pitcher", "catcher", "pitcher", "pitcher", "pitcher",
+               "catcher", "catcher", "catcher"]
     assert got["q458752000"][0]["qa"] == [
-        {"question": "What is this photo taken looking through?", "answer": "net"},
-        {"question": "What position is this man playing?", "answer": "pitcher"}]
-    assert got["q262146000"][0]["qa"] == [{"question": "What is he on top of?",
-                                           "answer": "skis"}]
+        {"question": "What is this photo taken looking through?", "answer": "net",
+         "answers": ["net"] * 9 + ["netting"]},
+        {"question": "What position is this man playing?", "answer": "pitcher",
+         "answers": pitcher}]
+    assert got["q262146000"][0]["qa"] == [{"question": "What is he on top of?", "answer": "skis",
+                                           "answers": ["hill"] * 6 + ["skis"] * 4}]
 
 
 def test_gqa(tmp_path):
@@ -149,7 +154,8 @@ def test_vqa_table_parquet_with_image_bytes_and_jsonl_with_paths(tmp_path):
     assert m["num_samples"] == 1 and m["skipped"] == {"no_answer": 1}
     [(rec, ims)] = read_samples(str(tmp_path / "out")).values()
     assert rec == {"task": "vqa", "source": "docvqa", "images": [{"width": 40, "height": 20}],
-                   "qa": [{"question": "what is the date mentioned?", "answer": "1/8/93"}]}
+                   "qa": [{"question": "what is the date mentioned?", "answer": "1/8/93",
+                           "answers": ["1/8/93", "1/8/93", "01/08/93"]}]}
     assert ims == [png.getvalue()]
 
     (tmp_path / "imgs").mkdir()

@@ -30,16 +30,20 @@ pytestmark = pytest.mark.slow
 
 
 ZERO2 = ("parallel=zero2",)
+# Evaluation during training, cheap: 2 items per task, 4 new tokens.
+EVAL = ("eval=demo", "eval.every_steps=2", "eval.max_items=2", "eval.generation.max_new_tokens=4")
 
 
 @pytest.fixture(scope="module")
 def zero2_reference(demo_data, tmp_path_factory):
-    """An uninterrupted 2-rank ZeRO-2 stage-1 run of 6 steps (shared by several tests)."""
+    """An uninterrupted 2-rank ZeRO-2 stage-1 run of 6 steps (shared by several tests),
+    evaluated every 2 steps: the runs without evaluation that resume must reproduce its
+    losses exactly."""
     from conftest import RunResult, launch_torchrun
 
     run, results = tmp_path_factory.mktemp("ref") / "run", tmp_path_factory.mktemp("ref_results")
     result: RunResult = launch_torchrun(
-        [*TRAIN, *overrides(run, demo_data, *ZERO2, "tracking=wandb_offline",
+        [*TRAIN, *overrides(run, demo_data, *ZERO2, *EVAL, "tracking=wandb_offline",
                             callbacks(plugin("results.RankResults", out=str(results))))], 2,
         results=results)
     return run, result
@@ -65,6 +69,20 @@ def test_stage1_two_ranks_trains_adapter_and_vit_keeps_llm_frozen(zero2_referenc
     assert last["data/skipped_total"] == 0 and last["data/skipped_bad_image"] == 0
     assert list((run / "wandb").glob("offline-run-*"))
     assert (run / "export" / "llm" / "config.json").exists()
+    # Evaluation after steps 2, 4, 6: the caption loss (what stage 1 renders) reduced over
+    # both ranks, generation metrics of the items both ranks answered, and the W&B table.
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    for e in evals:
+        assert 5.0 < e["eval/caption/loss"] < 13.0 and "eval/vqa/loss" not in e
+        assert {f"eval/{t}/num_items" for t in ("caption", "vqa", "grounding", "chat")} <= e.keys()
+        assert {"eval/caption/cider_d", "eval/vqa/vqa_accuracy", "eval/chat/token_f1",
+                "eval/grounding/grounding_accuracy"} <= e.keys()
+    tables = sorted(run.glob("wandb/offline-run-*/files/media/table/eval/samples_*.table.json"))
+    assert len(tables) == 3
+    rows = json.loads(tables[-1].read_text())
+    assert rows["columns"] == ["task", "key", "image", "prompt", "answer", "reference"]
+    assert sorted({r[0] for r in rows["data"]}) == ["caption", "chat", "grounding", "vqa"]
 
 
 def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero2(

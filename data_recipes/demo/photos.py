@@ -113,17 +113,23 @@ def shrink(im: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
     return im
 
 
-def caption_samples(n: int, seed: int = 0) -> list[Converted]:
-    """`n` caption samples: each photo once unaugmented, then augmented variants in turn."""
+def caption_samples(n: int, seed: int = 0, held_out: bool = False) -> list[Converted]:
+    """`n` caption samples: each photo once unaugmented, then augmented variants in turn.
+    `held_out`: fresh augmented views only (keys `photo_{name}_val{i}`), each with every
+    caption of its photo as references (`captions`)."""
     photos = available_photos()
     rng = random.Random(seed)
     out = []
     for i in range(n):
         photo, im = photos[i % len(photos)]
         variant = i // len(photos)
-        view = shrink(im if variant == 0 else augment(im, rng, photo.flip))
+        fresh = held_out or variant > 0
+        view = shrink(augment(im, rng, photo.flip) if fresh else im)
         caption = photo.captions[variant % len(photo.captions)]
         record = {"task": "caption", "source": "demo_photos",
                   "images": [{"width": view.width, "height": view.height}], "caption": caption}
-        out.append(Converted(f"photo_{photo.name}_{variant:03d}", record, [("jpg", jpeg(view))]))
+        if held_out:
+            record["captions"] = list(photo.captions)
+        key = f"photo_{photo.name}_{'val' if held_out else ''}{variant:03d}"
+        out.append(Converted(key, record, [("jpg", jpeg(view))]))
     return out

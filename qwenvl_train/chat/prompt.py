@@ -31,7 +31,7 @@ from pathlib import Path
 from qwenvl_train.data import tokenizer as tk
 from qwenvl_train.data.images import open_image
 from qwenvl_train.data.schema import ChatSample, Message, Part, SampleError
-from qwenvl_train.data.templates import ImageSlot, Piece, Segment, Special, render
+from qwenvl_train.data.templates import ImageSlot, Piece, Segment, Special, chat_prompt
 
 MODES = ("chat", "base")
 GROUNDING_TAGS = (tk.REF_START, tk.REF_END, tk.BOX_START, tk.BOX_END, tk.QUAD_START,
@@ -149,8 +149,7 @@ def chat_pieces(conv: Conversation) -> list[Piece]:
             messages.append(Message("assistant", [Part("text", text=turn.answer)]))
     sample = ChatSample(key="chat", source="qwenvl-chat", task="chat",
                         image_sizes=[im.size for im in conv.images], messages=messages)
-    return _with_tags(render(sample, "sft")) + [(Special(tk.IM_START), False),
-                                                ("assistant\n", False)]
+    return _with_tags(chat_prompt(sample))
 
 
 def base_pieces(conv: Conversation) -> list[Piece]:

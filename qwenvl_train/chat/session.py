@@ -32,7 +32,7 @@ from qwenvl_train.data import tokenizer as tk
 from qwenvl_train.data.draw import draw_shapes
 from qwenvl_train.data.encode import pieces_to_ids
 from qwenvl_train.data.images import load_image, open_image, to_rgb
-from qwenvl_train.eval.generate import generate, stop_ids
+from qwenvl_train.eval.generate import OnlyTokenizerIds, generate, stop_ids
 from qwenvl_train.eval.parse import box_to_pixels, parse_grounding, quad_to_pixels
 
 
@@ -56,18 +56,6 @@ class GenerationOptions:
         if self.temperature == 0 and (self.top_p < 1 or self.top_k > 0):
             raise ChatError("--top-p/--top-k shape sampling: add --temperature > 0 "
                             "(e.g. --temperature 0.7), or drop them for greedy decoding")
-
-
-class OnlyTokenizerIds(LogitsProcessor):
-    """Rules out the embedding's padding rows (ids 151,860..151,935, which the tokenizer does
-    not have): a trained model never picks them, an untrained one may sample them."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores.index_fill(1, torch.arange(self.vocab_size, scores.shape[1],
-                                                 device=scores.device), float("-inf"))
 
 
 @dataclass

@@ -202,8 +202,12 @@ def parse_fields(task: str, rec: dict, sizes: list[tuple[int, int]]) -> dict[str
         for i, p in enumerate(_list(rec.get("qa"), "qa")):
             if not isinstance(p, dict):
                 raise bad(f"qa[{i}] must be an object")
+            answers = p.get("answers", [])
+            if not isinstance(answers, list):
+                raise bad(f"qa[{i}].answers must be a list of strings")
             qa.append(QA(string(p.get("question"), f"qa[{i}].question"),
-                         string(p.get("answer"), f"qa[{i}].answer")))
+                         string(p.get("answer"), f"qa[{i}].answer"),
+                         [string(a, f"qa[{i}].answers[{j}]") for j, a in enumerate(answers)]))
         return {"qa": qa}
     if task in ("grounding", "ref_grounding"):
         return {"refs": _refs(rec, size)}

@@ -60,7 +60,10 @@ class CaptionSample(Sample):
 @dataclass
 class QA:
     question: str
-    answer: str
+    answer: str  # the training target
+    # Every human answer when the source has several (VQAv2: 10); evaluation scores against
+    # these (VQAv2 accuracy rule). Empty: `answer` is the only reference.
+    answers: list[str] = field(default_factory=list)
 
 
 @dataclass

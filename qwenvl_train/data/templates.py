@@ -227,6 +227,12 @@ def _sft(s: Sample) -> list[Piece]:
     return pieces
 
 
+def chat_prompt(sample: ChatSample) -> list[Piece]:
+    """The dialogue of `sample` as stage 3 renders it, then the opening of the next
+    assistant turn (``<|im_start|>assistant\\n``): what a chat model continues."""
+    return _sft(sample) + [(Special(tk.IM_START), False), ("assistant\n", False)]
+
+
 RENDERERS = {"pretrain": _pretrain, "multitask": _multitask, "sft": _sft}
 
 

@@ -49,6 +49,18 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class OnlyTokenizerIds(LogitsProcessor):
+    """Rules out the embedding's padding rows (ids 151,860..151,935, which the tokenizer does
+    not have): a trained model never picks them, an untrained one may sample them."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill(1, torch.arange(self.vocab_size, scores.shape[1],
+                                                 device=scores.device), float("-inf"))
+
+
 def stop_ids(tokenizer: QwenVLTokenizer, extra: Sequence[int] = ()) -> list[int]:
     """End-of-sequence ids: `<|endoftext|>` (base model), `<|im_end|>` (chat) and extras."""
     return [tokenizer.eod_id, tokenizer.im_end_id, *extra]

@@ -1,4 +1,4 @@
-"""Scores: VQA accuracy (VQAv2 rule), exact match, IoU / grounding accuracy, CIDEr-D.
+"""Scores: VQA accuracy (VQAv2 rule), exact match, token F1, IoU / grounding accuracy, CIDEr-D.
 
 Accuracies are fractions in [0, 1] (published tables print them x100). CIDEr-D is on its
 usual 0..10 scale (tables print x100).
@@ -65,6 +65,19 @@ def vqa_score(pred: str, answers: Sequence[str], leave_one_out: bool = False) ->
 
 def exact_match(pred: str, ref: str) -> float:
     return float(normalize_answer(pred) == normalize_answer(ref))
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """Harmonic mean of word precision and recall after `normalize_answer` (words counted
+    with multiplicity, as SQuAD's F1); 1.0 when both are empty, 0.0 when only one is."""
+    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
 
 
 # ---------------------------------------------------------------- boxes

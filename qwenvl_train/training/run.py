@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from qwenvl_train.config import TrainConfig
 from qwenvl_train.data.tokenizer import get_tokenizer
+from qwenvl_train.eval.during_training import builtin_callbacks
 from qwenvl_train.model import groups
 from qwenvl_train.model.source_config import (
     frozen_random_parts,
@@ -173,6 +174,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     check_device_support(cfg)  # precision / kernels this machine cannot run: ConfigError
     if callbacks is None:
         callbacks = load_callbacks(cfg.callbacks)
+    callbacks = [*callbacks, *builtin_callbacks(cfg)]  # evaluation during training (eval.*)
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)
     resolved_config = cfg.to_dict()

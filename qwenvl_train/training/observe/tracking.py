@@ -127,6 +127,14 @@ class Tracker:
             except Exception as exc:
                 self._disable(f"W&B log failed ({type(exc).__name__}: {exc})")
 
+    def log_wandb(self, step: int, values: Mapping[str, Any]) -> None:
+        """To W&B only, no console progress line (evaluation results, tables)."""
+        if self.run is not None:
+            try:
+                self.run.log({STEP_KEY: step, **values})
+            except Exception as exc:
+                self._disable(f"W&B log failed ({type(exc).__name__}: {exc})")
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Run-level facts (parameter counts, FLOPs per step, final metrics)."""
         if self.progress is not None and self.run is None:
