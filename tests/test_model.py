@@ -40,7 +40,7 @@ def test_yaml_configs_load_into_schema(name):
     ("llm.num_kv_heads", 3, "model.llm.num_kv_heads"),
     ("adapter.num_queries", 60, "model.adapter.num_queries"),
     ("adapter.post_group", "llm", "model.adapter.post_group"),
-    ("attn_implementation", "flex", "model.attn_implementation"),
+    ("attn_implementation", "flash", "model.attn_implementation"),
     ("adapter.embed_dim", 32, "model.adapter.embed_dim"),
     ("vision.extra", 1, "model.vision.extra"),
 ])

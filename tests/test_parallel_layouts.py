@@ -4,9 +4,9 @@ Two torchrun launches (2 and 4 ranks) run the layouts one after another: the sam
 init and batches must give the same per-step losses and pre-clip grad norms as
 `parallel_common.reference` within 1e-5. Data-parallel rank 1 gets a text-only micro-batch
 (must not hang: the worker's watchdog and the launch timeout turn a hang into a failure).
-Also: LLM frozen under pp2, activation checkpointing, ZeRO-2, bf16 smoke, NaN-step skip,
-LoRA under tp2 and pp2, checkpoint save/reload and consolidated export under tp2xdp2 and
-pp2xtp2."""
+Also: LLM frozen under pp2, activation checkpointing, ZeRO-2 (overlap_comm on and off),
+bf16 smoke, NaN-step skip, LoRA under tp2 and pp2, checkpoint save/reload and consolidated
+export under tp2xdp2 and pp2xtp2; one replica without DeepSpeed's gradient all-reduce."""
 
 from __future__ import annotations
 
@@ -75,11 +75,13 @@ def test_two_rank_layouts(torchrun):
 @pytest.mark.slow
 def test_four_rank_layouts_and_export(torchrun, tmp_path):
     env = {**WATCHDOG, "QWENVL_EXPORT_DIR": str(tmp_path)}
-    run = torchrun([WORKER, "pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "pp2xtp2:export"],
-                   nproc=4, env=env, timeout=300)
+    run = torchrun([WORKER, "pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "tp2xdp2:nooverlap",
+                    "pp2xtp2:export"], nproc=4, env=env, timeout=300)
     results = run.ranks[0]
     losses, norms, reference_dp2 = pc.reference(dp=2)
-    for layout in ("pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2"):  # z2: ZeRO-2 instead of 1
+    # z2: ZeRO-2 instead of 1 (the generated config overlaps its reduction with backward);
+    # nooverlap: the same without overlap_comm
+    for layout in ("pp2xdp2", "tp2xdp2:export", "tp2xdp2:z2", "tp2xdp2:nooverlap"):
         _check(results, layout, losses, norms)
     _check_task_sums(results, "pp2xdp2", dp=2)
     losses, norms, trained = pc.reference(dp=1)
@@ -109,3 +111,17 @@ def _check_export(tmp_path: Path, name: str, trained: torch.nn.Module) -> None:
     diff = float((got - want).abs().max())
     print(f"{name} export -> single-process logits: max |diff| {diff:.2e}")
     assert diff < TOL
+
+
+@pytest.mark.slow
+def test_one_replica_skips_the_gradient_allreduce_with_the_same_losses(torchrun):
+    """ZeRO-0 with one data-parallel replica: DeepSpeed's post-backward all-reduce (a copy of
+    every gradient through a flat buffer, over one rank) is skipped; the losses are those
+    of the run with it, and of the single-process reference."""
+    run = torchrun([WORKER, "dp1:z0", "dp1:allreduce"], nproc=1, env=WATCHDOG, timeout=180)
+    results = run.ranks[0]
+    assert results["dp1:z0"]["skips_allreduce"]
+    assert results["dp1:z0"]["losses"] == results["dp1:allreduce"]["losses"]  # bitwise
+    losses, _, _ = pc.reference(dp=1)
+    assert _max_diff(results["dp1:z0"]["losses"], losses) < TOL
+

@@ -34,6 +34,10 @@ CASES = {
     # of a bf16 model under a plain AdamW are not DeepSpeed's bf16 layout: activations only.
     "sft_bf16": (["stage=sft", "stage.image_size=448", "stage.seq_len=1024",
                   "stage.precision=bf16"], 2, 1, 32, False),
+    # the chunked LM-head loss (model/loss.py): the head's input and weight gradients kept
+    # from the forward pass and one [chunk, vocab] block instead of [labels, vocab] logits
+    "sft_chunked_loss_fp32": (["stage=sft", "stage.image_size=224", "stage.seq_len=512",
+                               "model.chunked_loss=true"], 2, 1, 240, True),
 }
 
 

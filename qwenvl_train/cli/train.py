@@ -118,6 +118,9 @@ def _launch(cfg: TrainConfig, callbacks: list[TrainerCallback], lock: RunLock | 
 
     try:
         summary = run(cfg, callbacks)
+    except ConfigError as e:  # what this machine cannot run (run's first check; on every rank)
+        print(f"qwenvl-train: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print(f"qwenvl-train: aborted by Ctrl-C, nothing more saved; rerun the same command "
               f"to continue from the last checkpoint in {cfg.run_dir}/checkpoints (if any)",

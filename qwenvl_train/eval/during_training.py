@@ -270,11 +270,12 @@ class Evaluator(TrainerCallback):
 
         state, plain_cfg = merged_export(state, self.cfg.model)
         if self._gathered_model is None:
-            from qwenvl_train.model.qwenvl import build_model
+            from qwenvl_train.model.qwenvl import build_model, restore_fp32_tables
 
             # Built under the restored RNG (evaluate() puts the state back afterwards).
             self._gathered_model = build_model(plain_cfg, self.cfg.stage.image_size)
             self._gathered_model.to(device=device, dtype=dtype)
+            restore_fp32_tables(self._gathered_model)  # as in training: fp32 under bf16
         self._gathered_model.load_state_dict(state, strict=True)
         return self._gathered_model.eval()
 

@@ -4,7 +4,8 @@ Exactness (docs/recipe.md): x = ln_kv(kv_proj(x)); query = ln_q(query) + pos_emb
 resized); key = x + pos_embed bicubic-resized to the kv grid; value = x; no residual, no
 MLP; then `ln_post(out) @ proj` with proj shaped (in, out). The fixed 2D sin-cos table is a
 persistent buffer: saved and loaded with the weights but never trained (a frozen Parameter
-would be switched back on by `groups.set_trainable`).
+would be switched back on by `groups.set_trainable`); it stays fp32 under bf16 training
+(`fp32_pos_embed_`, called through `qwenvl.restore_fp32_tables`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from qwenvl_train.model.config import AdapterConfig
-from qwenvl_train.model.vision import resize_pos_table
+from qwenvl_train.model.vision import LayerNorm, resize_pos_table
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -85,10 +86,10 @@ class Adapter(nn.Module):
         self.query = nn.Parameter(torch.empty(cfg.num_queries, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid), persistent=True)
         self.kv_proj = TruncNormalLinear(kv_dim, dim, bias=False)
-        self.ln_q = nn.LayerNorm(dim, eps=ln_eps)
-        self.ln_kv = nn.LayerNorm(dim, eps=ln_eps)
+        self.ln_q = LayerNorm(dim, eps=ln_eps)
+        self.ln_kv = LayerNorm(dim, eps=ln_eps)
         self.attn = CrossAttention(dim, cfg.heads)
-        self.ln_post = nn.LayerNorm(dim, eps=ln_eps)
+        self.ln_post = LayerNorm(dim, eps=ln_eps)
         self.proj = nn.Parameter(torch.empty(dim, dim))
         self.reset_parameters()
 
@@ -101,10 +102,17 @@ class Adapter(nn.Module):
         table = sincos_2d(self.pos_embed.shape[1], math.isqrt(self.query.shape[0]))
         self.pos_embed.copy_(table.to(self.pos_embed.device))
 
+    @torch.no_grad()
+    def fp32_pos_embed_(self) -> None:
+        """Keep the sin-cos table fp32: recompute it if something cast it (it is fixed)."""
+        if self.pos_embed.dtype != torch.float32:
+            table = sincos_2d(self.pos_embed.shape[1], math.isqrt(self.query.shape[0]))
+            self.pos_embed = table.to(self.pos_embed.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.pos_embed.to(x.dtype)
+        # Positions are added in fp32 (the table is fp32), then cast to the weights' dtype.
         x = self.ln_kv(self.kv_proj(x))
-        q = (self.ln_q(self.query) + pos).expand(x.shape[0], -1, -1)
-        k = x + resize_pos_table(self.pos_embed, x.shape[1]).to(x.dtype)
-        out = self.attn(q, k, x)
+        q = (self.ln_q(self.query).float() + self.pos_embed.float()).to(x.dtype)
+        k = (x.float() + resize_pos_table(self.pos_embed.float(), x.shape[1])).to(x.dtype)
+        out = self.attn(q.expand(x.shape[0], -1, -1), k, x)
         return self.ln_post(out) @ self.proj

@@ -15,7 +15,10 @@ from qwenvl_train.model.groups import ADAPTER, VIT
 from qwenvl_train.model.lora_config import LoRAConfig
 from qwenvl_train.tokens import IMG_PAD_ID
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# auto: flash_attention_2 on CUDA when flash_attn is installed, else flex on CUDA, else sdpa
+# (model/attention.py:resolve_attn_implementation).
+ATTN_IMPLEMENTATIONS = ("auto", "flex", "flash_attention_2", "sdpa", "eager")
+CHUNKED_LOSS = ("auto", "true", "false")  # auto: on when the model trains on CUDA
 POST_GROUPS = (VIT, ADAPTER)  # where adapter.ln_post/proj may belong (groups.py)
 # config: the sizes below as written; from_weights: read from the weight sources' configs
 # (model/source_config.py) before the model is built.
@@ -25,6 +28,11 @@ EXPORT_FORMATS = ("consolidated", "released", "hf_llm")
 
 def _err(prefix: str, key: str, msg: str) -> ValueError:
     return ValueError(f"{prefix}.{key}: {msg}")
+
+
+def _switch(value: Any) -> str:
+    """auto/true/false from YAML: booleans arrive as bool, or as "True" via a str field."""
+    return str(value).lower()
 
 
 def _positive(obj: Any, prefix: str, *keys: str) -> None:
@@ -137,13 +145,26 @@ class ExportConfig:
 
 @dataclass
 class GradCkptConfig:
+    """Activation checkpointing per part; `*_every: k` checkpoints layers 0, k, 2k, ... only
+    (selective: 1 = every layer, the most memory saved; larger k = less recompute)."""
+
     vit: bool = True
     llm: bool = True
+    vit_every: int = 1
+    llm_every: int = 1
 
     def validate(self, prefix: str = "model.gradient_checkpointing") -> None:
         for key in ("vit", "llm"):
             if not isinstance(getattr(self, key), bool):
                 raise _err(prefix, key, "must be true or false")
+        for key in ("vit_every", "llm_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _err(prefix, key, f"must be an integer >= 1, got {value!r}")
+
+    def checkpointed(self, part: str, layer: int) -> bool:
+        """Is layer `layer` of part `part` (vit | llm) recomputed in backward?"""
+        return bool(getattr(self, part)) and layer % getattr(self, f"{part}_every") == 0
 
 
 @dataclass
@@ -153,7 +174,9 @@ class QwenVLConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "auto"  # auto | flex | flash_attention_2 | sdpa | eager
+    chunked_loss: str = "auto"  # LM head + CE in token chunks: auto | true | false
+    compile: bool = False  # torch.compile each ViT block and LLM decoder layer
     gradient_checkpointing: GradCkptConfig = field(default_factory=GradCkptConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # applied after the weights load
@@ -170,11 +193,21 @@ class QwenVLConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise _err(prefix, "attn_implementation",
                        f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        if _switch(self.chunked_loss) not in CHUNKED_LOSS:
+            raise _err(prefix, "chunked_loss",
+                       f"must be one of {CHUNKED_LOSS}, got {self.chunked_loss!r}")
+        if not isinstance(self.compile, bool):
+            raise _err(prefix, "compile", f"must be true or false, got {self.compile!r}")
         # The adapter output overwrites LLM token embeddings, so the widths must agree.
         if self.adapter.embed_dim != self.llm.hidden_size:
             raise _err(prefix, "adapter.embed_dim",
                        f"must equal llm.hidden_size {self.llm.hidden_size}, "
                        f"got {self.adapter.embed_dim}")
+
+    def uses_chunked_loss(self, on_cuda: bool) -> bool:
+        """`chunked_loss` resolved: auto = on for CUDA training, off elsewhere."""
+        choice = _switch(self.chunked_loss)
+        return on_cuda if choice == "auto" else choice == "true"
 
     @classmethod
     def from_dict(cls, d: Any, prefix: str = "model") -> QwenVLConfig:

@@ -139,7 +139,7 @@ def load_for_inference(path: str | Path, *, image_size: int | None = None,
     """An export of either layout (or a run dir, or a released Qwen-VL download) as an
     eval-mode `QwenVL` on `device` in `dtype`, and its config. `image_size` (the dummy
     image of text-only batches) defaults to the size it was exported at."""
-    from qwenvl_train.model.qwenvl import build_model
+    from qwenvl_train.model.qwenvl import build_model, restore_fp32_tables
     from qwenvl_train.model.weights import load_consolidated, load_qwenvl
 
     kind, d = find_export(path)
@@ -149,4 +149,6 @@ def load_for_inference(path: str | Path, *, image_size: int | None = None,
         model = build_model(cfg, image_size=image_size or export_image_size(kind, d))
     (load_consolidated if kind == CONSOLIDATED else load_qwenvl)(model, d)
     log.info("loaded %s export %s", kind, d)
-    return model.to(dtype=dtype).eval(), cfg
+    model = model.to(dtype=dtype).eval()
+    restore_fp32_tables(model)  # `.to(bf16)` rounds the fixed position tables too
+    return model, cfg

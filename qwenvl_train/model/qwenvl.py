@@ -13,11 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.utils import ModelOutput
 
 from qwenvl_train.model.adapter import Adapter
-from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
+from qwenvl_train.model.attention import (
+    hf_attn_implementation,
+    llm_attention_inputs,
+    positions_from_segments,
+    resolve_attn_implementation,
+)
 from qwenvl_train.model.config import LLMConfig, QwenVLConfig
+from qwenvl_train.model.loss import LMHead
+from qwenvl_train.model.speed import checkpoint_layers, compile_layers
 from qwenvl_train.model.vision import VisionTransformer
 from qwenvl_train.tokens import EOD_ID, IGNORE_INDEX, IMG_PAD_ID
 
@@ -64,19 +72,21 @@ class QwenVL(nn.Module):
         self.config = config
         self.image_size = image_size  # size of the dummy image of text-only batches
         self.num_queries = config.adapter.num_queries
-        gc = config.gradient_checkpointing
-        self.vit = VisionTransformer(config.vision, gradient_checkpointing=gc.vit)
+        on_cuda = torch.cuda.is_available()
+        # The attention backend and loss path in use (`auto` resolved for this machine).
+        self.attn_implementation = resolve_attn_implementation(config.attn_implementation,
+                                                               on_cuda)
+        self.chunked_loss = config.uses_chunked_loss(on_cuda)
+        self.vit = VisionTransformer(config.vision)
         self.adapter = Adapter(config.adapter, kv_dim=config.vision.width,
                                ln_eps=config.vision.ln_eps)
-        self.llm = Qwen2ForCausalLM(qwen2_config(config.llm, config.attn_implementation))
-        if gc.llm:
-            # transformers >= 5 renamed gradient_checkpointing_enable (now deprecated).
-            enable = getattr(self.llm, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable({"use_reentrant": False})
-            else:
-                self.llm.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llm = Qwen2ForCausalLM(
+            qwen2_config(config.llm, hf_attn_implementation(self.attn_implementation)))
+        # Same module, weight and name; adds the (chunked) loss path (model/loss.py).
+        self.llm.lm_head.__class__ = LMHead
+        checkpoint_layers(self, config.gradient_checkpointing)
+        if config.compile:
+            compile_layers(self)
 
     # ---- vision path -------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -87,12 +97,17 @@ class QwenVL(nn.Module):
         """Token embeddings with the `<imgpad>` slots overwritten, in order, by image features."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         slots = input_ids == IMG_PAD_ID
-        num_slots = int(slots.sum())
         num_images = 0 if images is None else int(images.shape[0])
-        if num_slots != num_images * self.num_queries:
-            raise ValueError(
-                f"batch has {num_slots} <imgpad> tokens but {num_images} images x "
-                f"{self.num_queries} slots = {num_images * self.num_queries}")
+        expected = num_images * self.num_queries
+        if input_ids.device.type == "cpu":
+            num_slots = int(slots.sum())
+            if num_slots != expected:
+                raise ValueError(
+                    f"batch has {num_slots} <imgpad> tokens but {num_images} images x "
+                    f"{self.num_queries} slots = {expected}")
+        else:  # the same check as a device-side assertion: no host sync in the step
+            torch._assert_async(slots.sum() == expected,
+                                f"<imgpad> tokens != {num_images} images x {self.num_queries}")
         if num_images == 0:
             # Run the vision path anyway so every rank executes the same collectives and the
             # ViT/adapter get (zero) gradients; the contribution is multiplied by 0.
@@ -115,7 +130,10 @@ class QwenVL(nn.Module):
             position_ids = (positions_from_segments(segment_ids) if segment_ids is not None
                             else torch.arange(input_ids.shape[1], device=input_ids.device)
                             .expand_as(input_ids))
-        extra = llm_attention_inputs(segment_ids, self.config.attn_implementation, embeds.dtype)
+        if segment_ids is None and self.attn_implementation == "flex":
+            segment_ids = torch.ones_like(input_ids)  # flex needs its mask: one causal run
+        # Built once per batch; every decoder layer takes the same mask / BlockMask.
+        extra = llm_attention_inputs(segment_ids, self.attn_implementation, embeds.dtype)
         hidden = self.llm.model(inputs_embeds=embeds, position_ids=position_ids,
                                 use_cache=False, **extra).last_hidden_state
         if labels is None:
@@ -126,16 +144,34 @@ class QwenVL(nn.Module):
               segment_ids: torch.Tensor | None) -> QwenVLOutput:
         # Next-token shift: hidden[t] predicts labels[t+1]. The vocab projection (151,936
         # rows) runs only where a label exists, and never across a packed-sample boundary.
+        # Finding those positions is the loss's one host sync (a nonzero).
         target = labels[:, 1:]
         valid = target != IGNORE_INDEX
         if segment_ids is not None:
             valid &= segment_ids[:, 1:] == segment_ids[:, :-1]
-        logits = self.llm.lm_head(hidden[:, :-1][valid]).float()
-        ce = F.cross_entropy(logits, target[valid], reduction="none")
-        token_loss = F.pad(torch.zeros(valid.shape, dtype=ce.dtype, device=ce.device)
-                           .masked_scatter(valid, ce), (1, 0))
-        loss = ce.sum() / valid.sum().clamp(min=1)
+        where = valid.nonzero(as_tuple=True)
+        ce_sum, ce = self.llm.lm_head(hidden[:, :-1][where], target[where],
+                                      chunked=self.chunked_loss)  # fp32
+        token_loss = torch.zeros(valid.shape, dtype=ce.dtype, device=ce.device)
+        token_loss = F.pad(token_loss.index_put_(where, ce), (1, 0))
+        loss = ce_sum / valid.sum().clamp(min=1)
         return QwenVLOutput(loss=loss, token_loss=token_loss, logits=None)
+
+
+@torch.no_grad()
+def restore_fp32_tables(root: nn.Module) -> None:
+    """Fixed tables back to fp32 in every QwenVL part under `root` (a QwenVL, a pipeline
+    stage, a DeepSpeed engine's module): the adapter's sin-cos positions and the rotary
+    inverse frequencies. `deepspeed.zero.Init` under bf16 creates them in bf16 (and older
+    DeepSpeed versions cast buffers to the training dtype); both are recomputed, they are
+    fixed functions of the config. Call after building and after `deepspeed.initialize`."""
+    for module in root.modules():
+        if isinstance(module, Adapter):
+            module.fp32_pos_embed_()
+        elif isinstance(module, Qwen2RotaryEmbedding) and module.inv_freq.dtype != torch.float32:
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            module.inv_freq = inv_freq.to(module.inv_freq.device)
+            module.original_inv_freq = module.inv_freq.clone()
 
 
 def build_model(config: QwenVLConfig, image_size: int) -> QwenVL:

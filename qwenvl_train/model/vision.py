@@ -39,6 +39,22 @@ def normalize_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return images.float().mul_(scale).add_(shift).to(dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose statistics are fp32 for bf16/fp16 inputs on every device.
+
+    CUDA's kernel already computes and keeps mean/rstd in fp32 for low-precision inputs;
+    the CPU kernel returns (and saves for backward) them in the input's dtype, so on CPU
+    a low-precision input is normalised in fp32 and the result cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) or x.is_cuda:
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias,
+                            self.eps).to(x.dtype)
+
+
 def resize_pos_table(table: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Resize a square [G*G, C] table to [M, C] (M a square) like the released get_abs_pos."""
     src = round(table.shape[0] ** 0.5)
@@ -53,7 +69,8 @@ def resize_pos_table(table: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 class ViTAttention(nn.Module):
-    """Self-attention with a fused in_proj whose rows are grouped per head."""
+    """Self-attention with a fused in_proj whose rows are grouped per head. All images of a
+    batch have one size, so no mask: SDPA picks its fused (flash) kernel."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -68,11 +85,13 @@ class ViTAttention(nn.Module):
 
 
 class ViTBlock(nn.Module):
+    gradient_checkpointing = False  # recompute this block in backward (model/speed.py)
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_1 = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.attn = ViTAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_2 = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(cfg.width, cfg.mlp_dim))
         self.mlp.add_module("gelu", nn.GELU())  # exact (erf) GELU, as released
@@ -87,13 +106,12 @@ class VisionTransformer(nn.Module):
     """Images [N, 3, S, S] (uint8, or float already normalised) -> patch features
     [N, (S/p)^2, width], row-major patch order."""
 
-    def __init__(self, cfg: VisionConfig, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.gradient_checkpointing = gradient_checkpointing
         self.conv1 = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.pos_grid**2, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_pre = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.layers))
         self.reset_parameters()
 
@@ -111,7 +129,7 @@ class VisionTransformer(nn.Module):
         x = x + resize_pos_table(self.positional_embedding, x.shape[1]).to(x.dtype)
         x = self.ln_pre(x)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if block.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -16,8 +16,11 @@ def task_loss_sums(token_loss: torch.Tensor | None = None, task_ids: torch.Tenso
     sums = torch.zeros(len(TASKS), 2, device=device, dtype=torch.float64)
     if token_loss is None:
         return sums
-    sel = labels != IGNORE_INDEX
-    tasks = task_ids[sel].to(device)
-    sums[:, 0].index_add_(0, tasks, token_loss[sel].detach().double())
-    sums[:, 1].index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
+    # Every position is added, weighted 0 where there is no label (pads have task -1, sent
+    # to task 0 with weight 0): no boolean indexing, so no host sync on accelerators.
+    sel = (labels != IGNORE_INDEX).to(device).reshape(-1)
+    tasks = task_ids.to(device).reshape(-1).clamp(min=0)
+    weight = sel.double()
+    sums[:, 0].index_add_(0, tasks, token_loss.detach().reshape(-1).double() * weight)
+    sums[:, 1].index_add_(0, tasks, weight)
     return sums

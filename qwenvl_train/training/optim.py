@@ -88,12 +88,17 @@ def build_param_groups(
 
 
 def build_optimizer(
-    param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float
+    param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """torch AdamW (DeepSpeed's own Adam would compile ops on first use)."""
+    """torch AdamW (DeepSpeed's own Adam would compile ops on first use). `fused`: torch's
+    single-kernel AdamW (CUDA and CPU) instead of the multi-tensor one; DeepSpeed steps it
+    on its fp32 master partitions like any torch optimizer. Same update rule; results
+    differ from the multi-tensor kernel in the last bits."""
     for g in param_groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
+                             **({"fused": True} if fused else {}))
 
 
 @contextmanager

@@ -38,7 +38,13 @@ from qwenvl_train.training.optim import (
     build_param_groups,
     build_scheduler,
 )
-from qwenvl_train.training.parallel.engine import DistInfo, deepspeed_config, init_distributed
+from qwenvl_train.training.parallel.engine import (
+    DistInfo,
+    check_device_support,
+    deepspeed_config,
+    init_distributed,
+    uses_bf16,
+)
 from qwenvl_train.training.trainer import Trainer, TrainState
 
 log = logging.getLogger("qwenvl_train")
@@ -85,8 +91,9 @@ def build_qwenvl(cfg: TrainConfig):
 
 
 def _zero3_init_config(cfg: TrainConfig) -> dict:
+    # The dtype zero.Init creates the weights in must be the engine's.
     return {"train_micro_batch_size_per_gpu": cfg.stage.micro_batch_size,
-            "zero_optimization": {"stage": 3}}
+            "zero_optimization": {"stage": 3}, "bf16": {"enabled": uses_bf16(cfg)}}
 
 
 def freeze(cfg: TrainConfig, model) -> None:
@@ -135,7 +142,7 @@ def build_engine(cfg: TrainConfig, par):
     param_groups = par.param_groups(lambda module: param_groups_of(cfg, module)[0])
     optim = cfg.stage.optim
     optimizer = build_optimizer(param_groups, lr=optim.peak_lr, betas=tuple(optim.betas),
-                                eps=optim.eps)
+                                eps=optim.eps, fused=cfg.parallel.fused_adamw)
     schedule = Schedule(optim.peak_lr, optim.floor_lr, optim.warmup_steps, cfg.stage.steps,
                         optim.schedule)
     scheduler = build_scheduler(optimizer, schedule)
@@ -180,6 +187,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
+    check_device_support(cfg)  # precision / kernels this machine cannot run: ConfigError
     if callbacks is None:
         callbacks = load_callbacks(cfg.callbacks)
     callbacks = [*callbacks, *builtin_callbacks(cfg)]  # evaluation during training (eval.*)

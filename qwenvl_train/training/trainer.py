@@ -64,10 +64,12 @@ class StepResult:
     loss: float  # mean over the step's micro-batches and the data-parallel replicas
     applied: bool  # False: the update was skipped (non-finite loss or gradients)
     lr: dict[str, float]  # max LR per module group (vit/adapter/llm); 0.0 when skipped
-    task_sums: torch.Tensor  # [len(TASKS), 2]: token loss sum and tokens, all replicas
+    task_sums: torch.Tensor  # [len(TASKS), 2] on the host: token loss sum, tokens; all replicas
     counts: dict[str, int]  # this replica's samples, images, tokens, ... (throughput, MFU)
     time: float  # wall seconds
-    grad_norm: torch.Tensor | None = None  # where the engine does not record it (ZeRO-0 fp32)
+    grad_norm: float | None = None  # pre-clip; None where DeepSpeed tracks none (ZeRO-0 fp32)
+    data: dict[str, float] = field(default_factory=dict)  # data/* counters, all readers
+    stop: bool = False  # a stop signal reached some rank: save and return (all agree)
 
 
 class PreemptionFlag:
@@ -132,12 +134,6 @@ def _any_rank(flag: torch.Tensor | bool, device: torch.device | None = None) -> 
     t = torch.as_tensor(flag, device=device).float().reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def _mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
-    values = values.detach().clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values / dist.get_world_size(group)
 
 
 class Trainer:
@@ -221,12 +217,12 @@ class Trainer:
         if finite and not applied:
             # It then leaves the scheduler alone; keep the schedule on `state.step`.
             self.engine.lr_scheduler.step()
-        group = self.par.dp_group
         return StepResult(
-            loss=_mean_over_ranks(torch.stack(losses).mean(), group).item(), applied=applied,
-            lr=lrs if applied else dict.fromkeys(lrs, 0.0),
-            task_sums=_sum_over_ranks(task_sums, group), counts=_counts(batches),
-            time=time.perf_counter() - t0, grad_norm=grad_norm)
+            **self._step_totals(torch.stack(losses).mean(), task_sums,
+                                grad_norm if grad_norm is not None
+                                else self.engine.get_global_grad_norm(), per_replica=True),
+            applied=applied, lr=lrs if applied else dict.fromkeys(lrs, 0.0),
+            counts=_counts(batches), time=time.perf_counter() - t0)
 
     def _pipeline_step(self, data) -> StepResult:
         """Pipeline layouts: DeepSpeed's train_batch runs the micro-batch schedule; a
@@ -243,9 +239,44 @@ class Trainer:
                 # schedule on `state.step` as the other layouts do.
                 self.engine.lr_scheduler.step()
         return StepResult(
-            loss=out["loss"], applied=applied, lr=lrs if applied else dict.fromkeys(lrs, 0.0),
-            task_sums=out["task_sums"], counts=_counts(out["batches"]),
-            time=time.perf_counter() - t0)
+            **self._step_totals(out["loss"], out["task_sums"], out["grad_norm"],
+                                per_replica=False),
+            applied=applied, lr=lrs if applied else dict.fromkeys(lrs, 0.0),
+            counts=_counts(out["batches"]), time=time.perf_counter() - t0)
+
+    def _step_totals(self, loss, task_sums: torch.Tensor, grad_norm, *,
+                     per_replica: bool) -> dict:
+        """Everything the step reports that involves other ranks, in ONE all-reduce and ONE
+        device-to-host copy: the loss (mean over data-parallel replicas), per-task loss sums,
+        the grad norm, the data counters of every reader, and whether a stop signal reached
+        any rank. (The per-micro-batch NaN agreement stays separate: backward needs it.)
+
+        `per_replica`: loss / task sums are this replica's; one rank per replica (tensor
+        rank 0) contributes them. Otherwise they are global already (the pipeline step) and
+        rank 0 contributes them. The grad norm is the same everywhere; rank 0 contributes."""
+        device, tasks = self.dist.device, len(TASKS)
+        contributes = (self.par.grid.get_slice_parallel_rank() == 0 if per_replica
+                       else self.dist.rank == 0)
+        stats = self.loader.stats() if self.loader is not None else {}
+        host = [float(stats.get(k, 0)) for k in _DATA_STAT_KEYS]
+        host.append(float(self.preempt.requested))
+        norm = float("nan") if grad_norm is None else grad_norm
+        own = torch.cat([torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1),
+                         task_sums.to(device, torch.float64).reshape(-1),
+                         torch.as_tensor(norm, dtype=torch.float64, device=device).reshape(1)])
+        mine = torch.tensor([contributes] * (1 + 2 * tasks) + [self.dist.rank == 0])
+        own = torch.where(mine.to(device), own, torch.zeros_like(own))  # NaN * 0 is NaN
+        values = torch.cat([own, torch.tensor(host, dtype=torch.float64).to(device)])
+        dist.all_reduce(values)
+        values = values.tolist()  # the step's one host sync for metrics
+        loss_sum, sums = values[0], values[1:1 + 2 * tasks]
+        norm, data = values[1 + 2 * tasks], values[2 + 2 * tasks:]
+        dp = self.par.sizes.dp if per_replica else 1
+        return {"loss": loss_sum / dp,
+                "task_sums": torch.tensor(sums, dtype=torch.float64).reshape(tasks, 2),
+                "grad_norm": None if grad_norm is None else norm,
+                "data": _data_stats(dict(zip(_DATA_STAT_KEYS, data[:-1], strict=True))),
+                "stop": data[-1] > 0}
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -261,7 +292,7 @@ class Trainer:
             state.step += 1
             last = self._log(result)
             self.callbacks.on_step_end(self, state.step, last)
-            stop = _any_rank(self.preempt.requested, self.dist.device)
+            stop = result.stop  # a stop signal on any rank, agreed in the step's reduction
             failfast.progress()
             at_end = state.step == cfg.stage.steps
             if stop or at_end or state.step % cfg.checkpoint.every_steps == 0:
@@ -289,35 +320,19 @@ class Trainer:
                                                                                    path),
                       data_state=data_state)
 
-    def _global_data_stats(self) -> dict[str, float]:
-        """Loader counters summed over all readers (ranks without a loader add zeros)."""
-        stats = self.loader.stats() if self.loader is not None else {}
-        keys = [*_DATA_COUNTERS, *(f"skipped_{r}" for r in REASONS)]
-        values = torch.tensor([float(stats.get(k, 0)) for k in keys], dtype=torch.float64,
-                              device=self.dist.device)
-        dist.all_reduce(values)
-        out = {f"data/{k}": float(v) for k, v in zip(keys, values.tolist(), strict=True)}
-        out["data/skipped_total"] = sum(out[f"data/skipped_{r}"] for r in REASONS)
-        slots = out["data/slots"]
-        out["data/packing_efficiency"] = out["data/tokens"] / slots if slots else 0.0
-        return out
-
     def _log(self, result: StepResult) -> dict:
         step = self.state.step
-        sums = result.task_sums
+        sums = result.task_sums.tolist()  # on the host already
         metrics = {"loss": result.loss, "skipped_steps": self.state.skipped_steps}
         for t, task in enumerate(TASKS):
-            if sums[t, 1] > 0:
-                metrics[f"loss/{task}"] = float(sums[t, 0] / sums[t, 1])
+            if sums[t][1] > 0:
+                metrics[f"loss/{task}"] = sums[t][0] / sums[t][1]
         for group, lr in result.lr.items():
             metrics[f"lr/{group}"] = lr
-        grad_norm = result.grad_norm
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        if result.grad_norm is not None:
+            metrics["grad_norm"] = result.grad_norm
         metrics.update(self.meter.update(result.counts, result.time))
-        metrics.update(self._global_data_stats())
+        metrics.update(result.data)
         if self.dist.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -326,10 +341,16 @@ class Trainer:
         return metrics
 
 
-def _sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+_DATA_STAT_KEYS = (*_DATA_COUNTERS, *(f"skipped_{r}" for r in REASONS))
+
+
+def _data_stats(totals: dict[str, float]) -> dict[str, float]:
+    """Loader counters summed over all readers -> the logged data metrics."""
+    out = {f"data/{k}": v for k, v in totals.items()}
+    out["data/skipped_total"] = sum(out[f"data/skipped_{r}"] for r in REASONS)
+    slots = out["data/slots"]
+    out["data/packing_efficiency"] = out["data/tokens"] / slots if slots else 0.0
+    return out
 
 
 def _counts(batches: list[dict]) -> dict[str, int]:

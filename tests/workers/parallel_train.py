@@ -7,7 +7,9 @@ Usage: parallel_train.py LAYOUT [LAYOUT ...]; LAYOUT is pp{P}, tp{T}, pp{P}xtp{T
 optionally suffixed `:frozen` (stage 1: LLM frozen), `:export` (reload the trainer's
 final checkpoint into a fresh engine, export consolidated weights before and after),
 `:bf16`, `:nan` (a NaN image at step 1), `:gc` (activation checkpointing in ViT and LLM),
-`:lora` (parallel_common.LORA on ViT and LLM) or `:z{N}` (ZeRO stage N instead of 1).
+`:lora` (parallel_common.LORA on ViT and LLM), `:z{N}` (ZeRO stage N instead of 1),
+`:nooverlap` (ZeRO-2 without overlap_comm, which the generated config turns on) or
+`:allreduce` (ZeRO-0 with DeepSpeed's post-backward all-reduce, which one replica skips).
 The data-parallel size is what the world leaves. Rank 0 writes per-layout losses and grad
 norms to $QWENVL_RESULTS_DIR/rank0.json.
 """
@@ -43,7 +45,7 @@ EXPORT = Path(os.environ.get("QWENVL_EXPORT_DIR", str(OUT)))
 
 
 def layout_config(pp: int, tp: int, zero: int, trainable, run_dir: Path, seed: int,
-                  checkpointing: bool, lora: bool = False) -> TrainConfig:
+                  checkpointing: bool, lora: bool = False, bf16: bool = False) -> TrainConfig:
     """The stage of parallel_common.reference: constant LR, its optimizer groups and batch."""
     dp = dist.get_world_size() // (pp * tp)
     optim = OptimConfig(lr=pc.LR, schedule="constant", warmup_steps=0, grad_clip=pc.CLIP,
@@ -51,7 +53,7 @@ def layout_config(pp: int, tp: int, zero: int, trainable, run_dir: Path, seed: i
     stage = StageConfig(trainable=list(trainable), image_size=pc.IMAGE_SIZE,
                         seq_len=pc.SEQ_LEN, pack=True, micro_batch_size=pc.MICRO_BATCH,
                         global_batch_size=pc.MICRO_BATCH * pc.ACCUM * dp, steps=pc.STEPS,
-                        precision="fp32", optim=optim)
+                        precision="bf16" if bf16 else "fp32", optim=optim)
     model = pc.tiny_config(checkpointing)
     if lora:
         model.lora = dataclasses.replace(pc.LORA)
@@ -165,17 +167,20 @@ def main() -> None:
         # The balanced split of the tiny model puts only the (vocab-sized) head on the last
         # stage; `parts` moves decoder layers across the boundary too, except for `pp2xdp2`.
         parts = None if name == "pp2xdp2" or pp == 1 else [0, 2, 5]
-        zero = int(option[1:]) if option.startswith("z") else 1
+        zero = {"nooverlap": 2, "allreduce": 0}.get(option, 1)
+        zero = int(option[1:]) if option.startswith("z") else zero
         run_dir = OUT / "runs" / spec.replace(":", "-")
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = layout_config(pp, tp, zero, trainable, run_dir, pc.SEED, option == "gc",
-                            option == "lora")
-        if option == "bf16":
-            # Production trains fp32 on CPUs (engine.uses_bf16); force DeepSpeed's bf16
-            # through the pass-through keys to smoke-test the bf16 pipeline here.
-            cfg.parallel.deepspeed = {"bf16": {"enabled": True}}
+                            option == "lora", option == "bf16")
+        if option == "nooverlap":
+            cfg.parallel.deepspeed = {"zero_optimization": {"overlap_comm": False}}
         par, engine = build(cfg, parts)
+        skips_allreduce = not engine.enable_backward_allreduce
+        if option == "allreduce":
+            engine.enable_backward_allreduce = True  # what DeepSpeed does by default
         results[spec] = train(cfg, info, par, engine, 1 if option == "nan" else None)
+        results[spec]["skips_allreduce"] = skips_allreduce
         del engine
         if option == "export":
             export_and_reload(cfg, par, name, parts)

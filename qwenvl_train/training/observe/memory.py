@@ -35,7 +35,8 @@ dtype (b bytes; u = 4 / b: RMSNorm keeps an fp32 copy of its input under bf16):
                    output, ln_post in/out)
   loss             plain: the fp32 log-softmax [label tokens, vocab] (and 12 bytes per
                    logit at the peak of its backward); chunked (`model.chunked_loss`): the
-                   gradients of the head's input and weight, and one fp32 chunk.
+                   gradients of the head's input and weight, and one fp32 chunk (+ its
+                   16-bit copy under bf16).
 Tensor parallelism splits what lives in the split dimension (heads, MLP); norms and
 residuals stay whole. A pipeline stage holds min(pp - stage, micro-batches) micro-batches
 in flight (1F1B). The peak is at the start of a backward: model states + activations +
@@ -48,7 +49,6 @@ margin of the GPU's memory for them.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -56,6 +56,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from qwenvl_train.model import groups
+from qwenvl_train.model.attention import resolve_attn_implementation
+from qwenvl_train.model.loss import chunk_tokens
 from qwenvl_train.training.observe.flops import part_multipliers, vit_tokens
 
 if TYPE_CHECKING:
@@ -65,7 +67,6 @@ if TYPE_CHECKING:
 TRAINED, FROZEN, NO_GRAD = 3, 2, 1  # how a part takes part in backward (flops multipliers)
 FP32 = 4
 MASKLESS = ("flex", "flash_attention_2")  # packed attention without an [L, L] mask
-LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk of the chunked loss (model/loss.py)
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default (elements)
 DEFAULT_PREFETCH = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
 
@@ -138,46 +139,32 @@ class Memory:
 
 
 # ---- options from a config ---------------------------------------------------------------
-def resolve_attention(name: str, on_cuda: bool) -> str:
-    """`model.attn_implementation` as it will run: `auto` is flash-attention (installed) or
-    flex on CUDA, SDPA elsewhere."""
-    if name != "auto":
-        return name
-    if not on_cuda:
-        return "sdpa"
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex"
-
-
-def _switch(value: object, on_cuda: bool) -> bool:
-    text = str(value).lower()
-    return on_cuda if text == "auto" else text == "true"
-
-
 def options_from_config(cfg: TrainConfig, on_cuda: bool = True) -> Options:
-    """Read the memory-relevant keys (the ones later additions bring are optional)."""
+    """Read the memory-relevant keys, resolved as the model resolves them for `on_cuda`
+    (model/attention.py, model/config.py)."""
     precision = cfg.stage.precision
     param_bytes = FP32 if precision == "fp32" else 2
-    accum = getattr(cfg.parallel, "grad_accum_dtype", None)
-    grad_bytes = FP32 if precision == "fp32" or accum == "fp32" else param_bytes
+    grad_bytes = (FP32 if precision == "fp32" or cfg.parallel.grad_accum_dtype == "fp32"
+                  else param_bytes)
     gc = cfg.model.gradient_checkpointing
-    every = {part: (int(getattr(gc, f"{part}_every", 1)) if getattr(gc, part) else 0)
+    every = {part: (getattr(gc, f"{part}_every") if getattr(gc, part) else 0)
              for part in ("vit", "llm")}
     return Options(
         param_bytes=param_bytes, grad_bytes=grad_bytes,
-        attention=resolve_attention(cfg.model.attn_implementation, on_cuda),
-        chunked_loss=_switch(getattr(cfg.model, "chunked_loss", False), on_cuda),
-        checkpoint=every, fused_adamw=bool(getattr(cfg.parallel, "fused_adamw", False)),
+        attention=resolve_attn_implementation(cfg.model.attn_implementation, on_cuda),
+        chunked_loss=cfg.model.uses_chunked_loss(on_cuda),
+        checkpoint=every, fused_adamw=cfg.parallel.fused_adamw,
         foreach=on_cuda)
 
 
 def layout_from_config(cfg: TrainConfig, world_size: int) -> Layout:
+    from qwenvl_train.training.parallel.engine import zero_optimization
     from qwenvl_train.training.parallel.topology import validate_parallel
 
     sizes = validate_parallel(cfg.parallel, world_size)
-    zero_cfg = dict(dict(cfg.parallel.deepspeed).get("zero_optimization") or {})
-    z = cfg.parallel.zero_stage
-    return Layout(pp=sizes.pp, tp=sizes.tp, dp=sizes.dp, zero=z,
-                  overlap_comm=bool(zero_cfg.get("overlap_comm", z in (1, 2))),
+    zero_cfg = zero_optimization(cfg)  # what DeepSpeed gets
+    return Layout(pp=sizes.pp, tp=sizes.tp, dp=sizes.dp, zero=cfg.parallel.zero_stage,
+                  overlap_comm=bool(zero_cfg.get("overlap_comm", False)),
                   reduce_bucket=int(zero_cfg.get("reduce_bucket_size", DEFAULT_BUCKET)),
                   prefetch_bucket=int(zero_cfg.get("stage3_prefetch_bucket_size",
                                                    DEFAULT_PREFETCH)))
@@ -393,8 +380,9 @@ def loss_bytes(model_cfg: QwenVLConfig, mode: int, work: Workload,
         saved += 2 * h * b * work.tokens + labels * h * b  # norm outputs, gathered hidden
     if opt.chunked_loss:
         saved += labels * h * b + (vocab * h * b if trained else 0)  # grads kept from forward
-        chunk = (LOSS_CHUNK_ELEMENTS // vocab) * vocab
-        transient = chunk * (FP32 + 2 * b)  # logits (b), fp32 copy, softmax grad cast to b
+        chunk = chunk_tokens(vocab) * vocab  # one [chunk tokens, vocab] block (model/loss.py)
+        # its fp32 logits (softmax built in place) + their copy in a 16-bit compute dtype
+        transient = chunk * (FP32 + (b if b < FP32 else 0))
     else:
         saved += labels * vocab * FP32  # log-softmax output
         transient = labels * vocab * (2 * FP32)  # its gradient and the logits' gradient

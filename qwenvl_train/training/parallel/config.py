@@ -23,11 +23,19 @@ TP_SPLIT_KEYS = ("llm.num_heads", "llm.num_kv_heads", "llm.intermediate_size",
                  "vision.heads", "vision.mlp_dim")
 
 
+GRAD_ACCUM_DTYPES = ("fp32", "bf16")
+
+
 @dataclass
 class ParallelConfig:
     zero_stage: int = 0
     pp: int = 1
     tp: int = 1
+    # Under bf16: the dtype DeepSpeed accumulates (and, with ZeRO, reduces) gradients in.
+    # fp32 needs ZeRO >= 1 (engine.check_device_support).
+    grad_accum_dtype: str = "fp32"
+    # torch's fused (single-kernel) AdamW; off: the multi-tensor one (bitwise as before).
+    fused_adamw: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "parallel", model: QwenVLConfig | None = None) -> None:
@@ -41,6 +49,12 @@ class ParallelConfig:
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"{prefix}.zero_stage: {self.zero_stage!r} is not allowed; "
                              f"choose one of {list(ZERO_STAGES)}")
+        if self.grad_accum_dtype not in GRAD_ACCUM_DTYPES:
+            raise ValueError(f"{prefix}.grad_accum_dtype: {self.grad_accum_dtype!r} is not "
+                             f"allowed; choose one of {list(GRAD_ACCUM_DTYPES)}")
+        if not isinstance(self.fused_adamw, bool):
+            raise ValueError(f"{prefix}.fused_adamw: must be true or false, "
+                             f"got {self.fused_adamw!r}")
         for key in ("pp", "tp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
@@ -65,6 +79,9 @@ class ParallelConfig:
             if key in self.deepspeed:
                 raise ValueError(
                     f"{prefix}.deepspeed.{key}: derived from the stage config; set it there")
+        if "grad_accum_dtype" in dict(self.deepspeed.get("data_types") or {}):
+            raise ValueError(f"{prefix}.deepspeed.data_types.grad_accum_dtype: set "
+                             f"{prefix}.grad_accum_dtype instead")
         if "stage" in dict(self.deepspeed.get("zero_optimization") or {}):
             raise ValueError(f"{prefix}.deepspeed.zero_optimization.stage: set "
                              f"{prefix}.zero_stage instead (it decides how the model is built)")

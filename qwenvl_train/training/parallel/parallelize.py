@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qwenvl_train.model.qwenvl import restore_fp32_tables
 from qwenvl_train.training.parallel import pipeline as pipe_mod
 from qwenvl_train.training.parallel.consolidate import full_state_dict
 from qwenvl_train.training.parallel.partition import PipelineSplit, plan_split
@@ -90,6 +91,11 @@ class Parallel:
             mpu = None
         engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds, mpu=mpu)
+        restore_fp32_tables(engine.module)  # bf16 runs: the fixed tables stay fp32
+        if self.sizes.dp == 1 and not self.is_pipeline and not engine.zero_optimization():
+            # One replica: DeepSpeed would still flatten every gradient into a bucket,
+            # "all-reduce" it over one rank and copy it back after each backward.
+            engine.enable_backward_allreduce = False
         return engine
 
     def batches(self, source: Iterator[dict] | None) -> Iterator:

@@ -3,7 +3,8 @@
 Layer chain, one layer per slot of the registry's `groups.pipeline_slots` (which modules
 sit where; the ViT and adapter always on the first stage):
   0      VisionEmbedPipe  ViT + adapter + token embedding + image splicing (QwenVL.embed_inputs)
-  1..n   DecoderPipe      one transformers decoder layer each (mask/rotary rebuilt per layer)
+  1..n   DecoderPipe      one transformers decoder layer each (rotary per layer; the
+                          attention mask / BlockMask built once per micro-batch and stage)
   n+1    HeadPipe         final norm + LM head + loss (QwenVL._loss)
 Only tensors cross stages: the hidden state and one long tensor [B, L, 4] packing
 position_ids, segment_ids, labels and task_ids (ints never get gradients, so the engine's
@@ -29,7 +30,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from torch import nn
 
 from qwenvl_train.model import groups
-from qwenvl_train.model.attention import llm_attention_inputs, positions_from_segments
+from qwenvl_train.model.attention import BatchAttentionInputs, positions_from_segments
 from qwenvl_train.model.qwenvl import QwenVL
 from qwenvl_train.training.losses import task_loss_sums
 from qwenvl_train.training.parallel.partition import PipelineSplit
@@ -106,16 +107,18 @@ class DecoderPipe(PipeLayer):
     """Roles layer (one decoder layer) and rotary (buffers only; shared by the stage's
     layers)."""
 
-    def __init__(self, model: QwenVL, slot: groups.PipeSlot) -> None:
+    def __init__(self, model: QwenVL, slot: groups.PipeSlot,
+                 attention_inputs: BatchAttentionInputs) -> None:
         super().__init__(model, slot)
-        self.attn_impl = model.llm.config._attn_implementation
+        self.attention_inputs = attention_inputs  # shared by all decoder layers
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
         h, ints = inputs
         h = self.anchored(h)
         positions, segments = ints[..., 0], ints[..., 1]
-        # The same inputs Qwen2Model hands its layers (a 4D mask passes through unchanged).
-        extra = llm_attention_inputs(segments, self.attn_impl, h.dtype)
+        # The same inputs Qwen2Model hands its layers (a 4D mask passes through unchanged);
+        # `ints` travels unchanged through the stage's layers, so they share one build.
+        extra = self.attention_inputs(ints, segments, h.dtype)
         mask = extra.pop("attention_mask", None)
         rope = self.rotary(h, positions)
         h = self.layer(h, attention_mask=mask, position_ids=positions,
@@ -128,7 +131,7 @@ class HeadPipe(PipeLayer):
 
     def __init__(self, model: QwenVL, slot: groups.PipeSlot) -> None:
         super().__init__(model, slot)
-        self._shell = _Shell(llm=_LLMParts(lm_head=self.lm_head))
+        self._shell = _Shell(llm=_LLMParts(lm_head=self.lm_head), chunked_loss=model.chunked_loss)
         self.task_sums = task_loss_sums(device=torch.device("cpu"))
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -143,8 +146,9 @@ class HeadPipe(PipeLayer):
 
 def pipeline_layers(model: QwenVL) -> list[PipeLayer]:
     first, *decoders, last = groups.pipeline_slots(model.config.llm.num_layers)
-    return [VisionEmbedPipe(model, first), *(DecoderPipe(model, s) for s in decoders),
-            HeadPipe(model, last)]
+    attention_inputs = BatchAttentionInputs(model.attn_implementation)
+    return [VisionEmbedPipe(model, first),
+            *(DecoderPipe(model, s, attention_inputs) for s in decoders), HeadPipe(model, last)]
 
 
 class QwenVLPipe(PipelineModule):
