@@ -1,5 +1,6 @@
 """Evaluation during training (the `eval` config, eval/during_training.py) in real runs:
-every metric is logged with known values, training is bitwise unchanged by it, a 2-rank
+every metric is logged with known values (training is bitwise unchanged by it: asserted in
+test_trainer.py against its evaluated reference run), a 2-rank
 ZeRO-3 run reduces the validation loss over ranks to what one process computes, and a
 2-stage pipeline evaluates its gathered model on rank 0 to the same numbers."""
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import TRAIN, callbacks, export_state, losses, overrides, plugin
+from trainer_helpers import TRAIN, callbacks, losses, overrides, plugin
 
 from data_recipes.wds import read_samples
 from qwenvl_train.eval.metrics import cider_d
@@ -26,19 +27,16 @@ def _eval_rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines())}
 
 
-def test_eval_logs_every_metric_and_leaves_training_unchanged(run_cli, demo_data, tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "eval"
-    base = ["stage.image_size=56"]
-    proc = run_cli(TRAIN[1], overrides(ref, demo_data, *base, steps=3, stage="multitask"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_eval_logs_every_metric(run_cli, demo_data, tmp_path):
+    """That evaluation leaves training bitwise unchanged is asserted where a reference run
+    exists anyway: test_trainer.py's evaluated ZeRO-2 reference and the kill-during-save
+    rerun without evaluation give the same 6 losses bit for bit."""
+    run = tmp_path / "eval"
     oracle = callbacks(plugin("oracle.OracleAnswers"))
     proc = run_cli(TRAIN[1], overrides(run, demo_data, *SMALL, oracle, steps=3,
                                        stage="multitask"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Training is untouched: the same losses, bit for bit, and the same final weights.
-    assert losses(run) == losses(ref)
-    a, b = export_state(ref), export_state(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(losses(run)) == [1, 2, 3]
 
     rows = _eval_rows(run)
     assert sorted(rows) == [2, 3]

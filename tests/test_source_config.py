@@ -135,7 +135,9 @@ def test_readme_finetune_command_names_the_fix(run_cli, tmp_path):
                         "model=from_weights"]).model.llm.num_layers == 32
 
 
-@pytest.mark.slow
+ALL_FORMATS = "export.formats=[consolidated,released,hf_llm]"
+
+
 def _run(run_dir, demo_data, *extra):
     """The tiny-run overrides with the model from the weights (no `model=tiny`)."""
     args = overrides(run_dir, demo_data, "model=from_weights",
@@ -146,13 +148,14 @@ def _run(run_dir, demo_data, *extra):
             for a in args if a != "model=tiny"]
 
 
+@pytest.mark.slow
 def test_own_weights_to_released_export_and_back(run_cli, sources, demo_data, tmp_path):
     """Stage sft from an HF Qwen2 dir + an OpenCLIP ViT with model=from_weights: it trains,
     warns that ln_post/proj are frozen and random, and exports every format; a second run
     imports export/released through model.weights.qwenvl (ViT frozen: bitwise the same)."""
     first, second = tmp_path / "first", tmp_path / "second"
     proc = run_cli(TRAIN[1], _run(first, demo_data, f"model.weights.llm={sources['qwen2_mha']}",
-                                  f"model.weights.vit={sources['clip']}"))
+                                  f"model.weights.vit={sources['clip']}", ALL_FORMATS))
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = proc.stderr
     assert "model sizes from the weights" in log

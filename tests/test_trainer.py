@@ -44,6 +44,7 @@ def zero2_reference(demo_data, tmp_path_factory):
     run, results = tmp_path_factory.mktemp("ref") / "run", tmp_path_factory.mktemp("ref_results")
     result: RunResult = launch_torchrun(
         [*TRAIN, *overrides(run, demo_data, *ZERO2, *EVAL, "tracking=wandb_offline",
+                            "export.formats=[consolidated,released,hf_llm]",
                             callbacks(plugin("results.RankResults", out=str(results))))], 2,
         results=results)
     return run, result
@@ -85,17 +86,6 @@ def test_stage1_two_ranks_trains_adapter_and_vit_keeps_llm_frozen(zero2_referenc
     assert sorted({r[0] for r in rows["data"]}) == ["caption", "chat", "grounding", "vqa"]
 
 
-def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero2(
-        torchrun, demo_data, tmp_path, zero2_reference):
-    ref, run = zero2_reference[0], tmp_path / "run"
-    kill = callbacks(plugin("faults.KillAfterStep", step=5))
-    killed = torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2, kill)], nproc=2, check=False)
-    assert killed.returncode != 0
-    assert latest_tag(run) == "step_0000004" and max(losses(run)) == 5
-    torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2)], nproc=2)
-    assert losses(run) == losses(ref)  # bitwise-equal floats for all 6 steps
-
-
 def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero3(torchrun, demo_data,
                                                                      tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -110,6 +100,9 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_zero3(torchrun, d
 
 def test_kill_during_save_keeps_previous_checkpoint_loadable(torchrun, demo_data, tmp_path,
                                                              zero2_reference):
+    """kill -9 in the middle of step 4's save (ZeRO-2): the rerun resumes step 2's checkpoint
+    and reproduces the uninterrupted run's 6 losses bit for bit. The reference evaluated every
+    2 steps and this run does not: evaluation leaves training unchanged."""
     ref, run = zero2_reference[0], tmp_path / "run"
     kill = callbacks(plugin("faults.KillInSave", step=4))
     torchrun([*TRAIN, *overrides(run, demo_data, *ZERO2, kill)], nproc=2, check=False)
@@ -120,19 +113,13 @@ def test_kill_during_save_keeps_previous_checkpoint_loadable(torchrun, demo_data
     assert losses(run) == losses(ref)
 
 
-def test_layouts_match_single_process_and_chain_pp2_to_tp2(torchrun, run_cli, demo_data,
-                                                           tmp_path):
-    """Stage 1 single-process == pp2 (same data: dp 1); stage 2 under tp2 starts from the
-    pp2 export."""
-    single, pp2, tp2 = tmp_path / "single", tmp_path / "pp2", tmp_path / "tp2"
-    proc = run_cli(TRAIN[1], overrides(single, demo_data, "parallel=single", steps=4))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_a_pp2_run_chains_into_a_tp2_stage(torchrun, demo_data, tmp_path):
+    """Through the CLI: stage 1 under pp2, stage 2 under tp2 from the pp2 export (that each
+    layout equals the single-process run: test_parallel_layouts.py, through the Trainer)."""
+    pp2, tp2 = tmp_path / "pp2", tmp_path / "tp2"
     torchrun([*TRAIN, *overrides(pp2, demo_data, "parallel=pp2", steps=4)], nproc=2)
-    ref, got = losses(single), losses(pp2)
-    assert sorted(got) == [1, 2, 3, 4]
-    assert max(abs(ref[s] - got[s]) for s in ref) < 1e-5
-    a, b = export_state(single), export_state(pp2)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert sorted(losses(pp2)) == [1, 2, 3, 4]
+    b = export_state(pp2)
     torchrun([*TRAIN, *overrides(tp2, demo_data, "parallel=tp2", f"init_from={pp2}",
                                  stage="multitask", steps=2)], nproc=2)
     assert sorted(losses(tp2)) == [1, 2]

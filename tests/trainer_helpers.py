@@ -18,7 +18,10 @@ def overrides(run_dir: Path, demo_data: Path, *extra: str, steps: int = 6,
     return [
         f"stage={stage}", "model=tiny", "data=demo", "scale=demo", "tracking=none",
         f"data.root={demo_data}", f"run_dir={run_dir}", f"stage.steps={steps}",
-        "checkpoint.every_steps=2", "stage.optim.warmup_steps=2", *extra,
+        "checkpoint.every_steps=2", "stage.optim.warmup_steps=2",
+        # The export the tests read back; the other formats have their own tests (and
+        # test_source_config / the stage-1 reference write all three through a run).
+        "export.formats=[consolidated]", *extra,
     ]
 
 

@@ -17,7 +17,8 @@ from .templates import ACCEPTS
 log = logging.getLogger(__name__)
 
 
-def resolve_sources(cfg: DataConfig, template: str) -> list[tuple[str, list[str], float]]:
+def resolve_sources(cfg: DataConfig, template: str, *, quiet: bool = False
+                    ) -> list[tuple[str, list[str], float]]:
     """Step 1: expand patterns (a source that matches nothing is an error naming it, as
     the launch check `config.validate_launch` reports it); drop shards (and sources) the
     template cannot use."""
@@ -30,7 +31,7 @@ def resolve_sources(cfg: DataConfig, template: str) -> list[tuple[str, list[str]
                   or set(manifests[s].get("tasks", {})) & ACCEPTS[template]]
         if usable:
             out.append((name, usable, weight))
-        else:
+        elif not quiet:
             log.info("data: source %s has no %s-template tasks; not used", name, template)
     if not out:
         raise ValueError(f"data.sources: no source has samples that the {template!r} "
@@ -42,7 +43,7 @@ def check_source_sizes(cfg: DataConfig, template: str) -> None:
     """Launch check: a source with fewer shards than virtual streams is split by sample
     (sources.py), so each of the V streams needs one sample of its own; a source whose
     manifests count fewer usable samples than V would stop the run at its first epoch."""
-    sources = resolve_sources(cfg, template)
+    sources = resolve_sources(cfg, template, quiet=True)  # the loader says what it drops
     folders = {os.path.dirname(s) for _, shards, _ in sources for s in shards}
     manifests = read_manifests(cfg.root, folders) if cfg.use_manifests else {}
     small = []
