@@ -169,6 +169,20 @@ def _patch_json(path: Path, **values) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _save_quietly(llm: nn.Module, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """`save_pretrained` without transformers' shard progress bar (our export log says what
+    was written and where)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        llm.save_pretrained(str(out), state_dict=state_dict)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_hf_llm(llm: nn.Module, tensors: Mapping[str, torch.Tensor], out_dir: str | Path,
                 chat: bool) -> Path:
     """`llm` (a transformers causal LM, possibly on the meta device) saved with the `llm.*`
@@ -176,7 +190,7 @@ def save_hf_llm(llm: nn.Module, tensors: Mapping[str, torch.Tensor], out_dir: st
     stop and pad ids, generation_config.json, tokenizer files."""
     out = Path(out_dir)
     llm_sd = {G.local(k): v for k, v in tensors.items() if k.startswith(G.LLM + ".")}
-    llm.save_pretrained(str(out), state_dict=llm_sd)
+    _save_quietly(llm, out, llm_sd)
     eos = generation_stop_ids(chat)
     _patch_json(out / "config.json", use_cache=True, eos_token_id=eos[0], pad_token_id=EOD_ID,
                 bos_token_id=None)
