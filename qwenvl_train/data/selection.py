@@ -22,6 +22,12 @@ def resolve_sources(cfg: DataConfig, template: str, *, quiet: bool = False
     """Step 1: expand patterns (a source that matches nothing is an error naming it, as
     the launch check `config.validate_launch` reports it); drop shards (and sources) the
     template cannot use."""
+    return _usable_sources(cfg, template, quiet)[0]
+
+
+def _usable_sources(cfg: DataConfig, template: str, quiet: bool
+                    ) -> tuple[list[tuple[str, list[str], float]], dict[str, dict]]:
+    """resolve_sources, and the manifest entries of the shards it read them from."""
     sources = expand_sources(cfg)
     folders = {os.path.dirname(s) for _, shards, _ in sources for s in shards}
     manifests = read_manifests(cfg.root, folders) if cfg.use_manifests else {}
@@ -34,18 +40,16 @@ def resolve_sources(cfg: DataConfig, template: str, *, quiet: bool = False
         elif not quiet:
             log.info("data: source %s has no %s-template tasks; not used", name, template)
     if not out:
-        raise ValueError(f"data.sources: no source has samples that the {template!r} "
-                         f"template takes (tasks {sorted(ACCEPTS[template])})")
-    return out
+        raise ConfigError(f"data.sources: no source has samples that the {template!r} "
+                          f"template takes (tasks {sorted(ACCEPTS[template])})")
+    return out, manifests
 
 
 def check_source_sizes(cfg: DataConfig, template: str) -> None:
     """Launch check: a source with fewer shards than virtual streams is split by sample
     (sources.py), so each of the V streams needs one sample of its own; a source whose
     manifests count fewer usable samples than V would stop the run at its first epoch."""
-    sources = resolve_sources(cfg, template, quiet=True)  # the loader says what it drops
-    folders = {os.path.dirname(s) for _, shards, _ in sources for s in shards}
-    manifests = read_manifests(cfg.root, folders) if cfg.use_manifests else {}
+    sources, manifests = _usable_sources(cfg, template, quiet=True)  # the loader logs drops
     small = []
     for name, shards, _ in sources:
         if len(shards) >= cfg.virtual_streams or any(s not in manifests for s in shards):
