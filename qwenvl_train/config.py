@@ -153,9 +153,9 @@ def check_weights(cfg: TrainConfig) -> None:
 
     sizes = cfg.model.sizes
     cfg.model = source_config.resolve_model_sizes(cfg.model, cfg.init_from)
-    problems = source_config.check_weight_sources(cfg.model, cfg.init_from)
-    if problems:
-        raise ConfigError(source_config.weight_source_error(problems, sizes))
+    unreadable, mismatched = source_config.weight_source_problems(cfg.model, cfg.init_from)
+    if unreadable or mismatched:
+        raise ConfigError(source_config.weight_source_error(unreadable, mismatched, sizes))
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -116,9 +116,9 @@ def export_config(path: str | Path) -> QwenVLConfig:
     """The model config of an export of either layout (the released one read through
     model/source_config.py, as `model.sizes=from_weights` does)."""
     from qwenvl_train.model.source_config import (
-        check_weight_sources,
         resolve_model_sizes,
         weight_source_error,
+        weight_source_problems,
     )
 
     kind, d = find_export(path)
@@ -126,9 +126,9 @@ def export_config(path: str | Path) -> QwenVLConfig:
         return QwenVLConfig.from_dict(_json(d / "config.json"))
     cfg = resolve_model_sizes(QwenVLConfig(sizes="from_weights",
                                            weights=WeightsConfig(qwenvl=str(d))))
-    problems = check_weight_sources(cfg)
-    if problems:
-        raise ValueError(weight_source_error(problems, sizes="from_weights"))
+    unreadable, mismatched = weight_source_problems(cfg)
+    if unreadable or mismatched:
+        raise ValueError(weight_source_error(unreadable, mismatched, sizes="from_weights"))
     cfg.weights = WeightsConfig()
     return cfg
 

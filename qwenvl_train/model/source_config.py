@@ -424,25 +424,40 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def check_weight_sources(model_cfg: QwenVLConfig, init_from: str | None = None) -> list[str]:
-    """Problems of the run's weight sources: unreadable or unsupported sources, and every
-    size that differs from the model config, as `model.KEY=VALUE (where; yours: OURS)`.
-    Empty when the model can be built and every source loads into it."""
-    facts, problems = source_facts(model_cfg, init_from)
+def weight_source_problems(model_cfg: QwenVLConfig, init_from: str | None = None
+                           ) -> tuple[list[str], list[str]]:
+    """(unreadable, mismatched): the sources that cannot be read or are not supported, and
+    every size that differs from the model config, as `model.KEY=VALUE (where; yours:
+    OURS)`. Both empty when the model can be built and every source loads into it."""
+    facts, unreadable = source_facts(model_cfg, init_from)
+    mismatched = []
     for fact in facts:
         ours = _get(model_cfg, fact.key)
         if fact.strict and not _same(ours, fact.value):
-            problems.append(f"model.{fact.key}={fact.value} ({fact.where}; yours: {ours})")
-    return problems
+            mismatched.append(f"model.{fact.key}={fact.value} ({fact.where}; yours: {ours})")
+    return unreadable, mismatched
 
 
-def weight_source_error(problems: Iterable[str], sizes: str = "config") -> str:
-    """The one message for `check_weight_sources` problems."""
-    lines = "\n  ".join(problems)
-    hint = ("" if sizes == "from_weights" else
-            "\nor take every size from the weights: model.sizes=from_weights "
-            "(or model=from_weights; the released Qwen-VL 7B is model=qwenvl_7b)")
-    return f"the model config does not match its weight sources; set\n  {lines}{hint}"
+def check_weight_sources(model_cfg: QwenVLConfig, init_from: str | None = None) -> list[str]:
+    """Both kinds of `weight_source_problems` in one list."""
+    unreadable, mismatched = weight_source_problems(model_cfg, init_from)
+    return unreadable + mismatched
+
+
+def weight_source_error(unreadable: Iterable[str], mismatched: Iterable[str],
+                        sizes: str = "config") -> str:
+    """The one message for `weight_source_problems`: a source that cannot be read is named
+    as such; only size mismatches suggest taking the sizes from the weights."""
+    parts = []
+    if unreadable:
+        parts.append("cannot read the weight source(s):\n  " + "\n  ".join(unreadable))
+    if mismatched:
+        hint = ("" if sizes == "from_weights" else
+                "\nor take every size from the weights: model.sizes=from_weights "
+                "(or model=from_weights; the released Qwen-VL 7B is model=qwenvl_7b)")
+        parts.append("the model config does not match its weight sources; set\n  "
+                     + "\n  ".join(mismatched) + hint)
+    return "\n".join(parts)
 
 
 def resolve_model_sizes(model_cfg: QwenVLConfig, init_from: str | None = None) -> QwenVLConfig:
