@@ -66,3 +66,11 @@ def test_draw_skips_an_image_that_does_not_decode(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["ok.png"]
     _, out = _run(["inspect", str(tmp_path / "s.tar"), "--stage", "pretrain"], capsys)
     assert '=== {"ok": 2}' in out  # without --draw no image is decoded
+
+
+def test_inspect_of_a_missing_shard_is_one_message(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    inspect_cmd.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["inspect", str(tmp_path / "nope.tar"), "--stage", "sft"])
+    code, err = args.func(args), capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'nope.tar'}: no such file" in err

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from qwenvl_train.tokens import IGNORE_INDEX
@@ -124,6 +126,10 @@ def _draw(sample: Sample, draw_dir: str, out) -> None:
 
 
 def _handler(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.shard):
+        print(f"qwenvl-data inspect: {args.shard}: no such file (a .tar shard, e.g. "
+              "demo_data/caption-00000.tar)", file=sys.stderr)
+        return 2
     counts = inspect_shard(args.shard, args.stage, args.n, args.num_image_tokens,
                            args.seq_len or DEFAULT_SEQ_LEN[args.stage], args.draw,
                            max_image_pixels=args.max_image_pixels)
