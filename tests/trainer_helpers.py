@@ -105,6 +105,39 @@ def update_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def start_state(out: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """What plugins/results.StartState wrote: every trainable parameter's full fp32 weight
+    and Adam moments (tensor slices joined) by plain-model name, and the counters."""
+    files = [torch.load(p, weights_only=False) for p in sorted(Path(out).glob("state_*.pt"))]
+    files.sort(key=lambda f: f["tp_rank"])
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for name in {n for f in files for n in f["params"]}:
+        slices = [f["params"][name] for f in files if name in f["params"]]
+        dim = slices[0]["dim"]
+        params[name] = {key: (torch.cat([s[key] for s in slices], dim=dim) if dim is not None
+                              else slices[0][key]) for key in ("fp32", "exp_avg", "exp_avg_sq")}
+    meta = {key: files[0][key] for key in ("steps", "lrs", "global_steps")}
+    assert all({k: f[k] for k in meta} == meta for f in files), "ranks disagree"
+    return params, meta
+
+
+def assert_resumed_exactly(out: Path, step_dir: Path) -> None:
+    """The state a resume under another layout started from (StartState's `out`) equals
+    the checkpoint `step_dir` bitwise: weights, both moments, step count, learning rates."""
+    from qwenvl_train.training.relayout import SavedState
+
+    params, meta = start_state(out)
+    saved = SavedState.open(step_dir)
+    assert set(params) == saved.names()
+    for name, got in params.items():
+        want = saved.full(name, got["fp32"].shape)
+        for key in want:
+            assert torch.equal(got[key], want[key]), (name, key)
+    assert meta["steps"] == [float(saved.step())] * len(meta["steps"])
+    assert meta["lrs"] == {k: v["lr"] for k, v in saved.group_settings().items()}
+    assert meta["global_steps"] == int(step_dir.name.split("_")[-1])
+
+
 def launch(args: list[str], nproc: int, *, timeout: int = 300,
            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `scripts/launch_torchrun.sh ARGS` with `nproc` processes (the user's launcher)."""

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from qwenvl_train.checks import RunError
 from qwenvl_train.model.source_config import resolve_init_from  # noqa: F401 (torch-free home)
+from qwenvl_train.training import relayout
 from qwenvl_train.training.checkpoint_files import (
     DATA_STATE,
     LATEST,
@@ -104,10 +105,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- save --------------------------------------------------------------------------------
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
          keep_last: int, on_written: Callable[[Path], None] | None = None,
-         data_state: dict | None = None) -> Path:
+         data_state: dict | None = None, par=None) -> Path:
     """Save on every rank; `latest` moves after every rank wrote and the manifest is written.
     `on_written(path)` runs once this rank's files are in `path`, before the barrier.
-    `data_state` (the loader's global state, on rank 0) goes into `data_state.json`."""
+    `data_state` (the loader's global state, on rank 0) goes into `data_state.json`. With
+    the layout `par` under ZeRO-1/2, each rank also records its `relayout.rank_map`, which
+    lets a resume re-partition the checkpoint for another layout."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -119,8 +122,10 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                                exclude_frozen_parameters=True)
-        torch.save({**trainer_state, "rng": rng_state(), TRAINABLE: _trainable_names(engine)},
-                   path / f"trainer_rank{rank}.pt")
+        extra = ({relayout.RANK_MAP: relayout.rank_map(engine, par)}
+                 if par is not None and relayout.supports(engine) else {})
+        torch.save({**trainer_state, "rng": rng_state(), TRAINABLE: _trainable_names(engine),
+                    **extra}, path / f"trainer_rank{rank}.pt")
         if rank == 0 and data_state is not None:  # covered by the manifest like the rest
             (path / DATA_STATE).write_text(json.dumps(data_state))
         if on_written is not None:
@@ -284,16 +289,20 @@ def _warn(rank: int, message: str) -> None:
         log.warning("checkpoint: %s", message)
 
 
-def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
-    """Restore model, optimizer and scheduler through DeepSpeed; return this rank's state."""
+def load(engine, run_dir: str | Path, tag: str, rank: int, par=None,
+         layout: dict | None = None) -> dict:
+    """Restore model, optimizer and scheduler; return this rank's trainer state. `layout`
+    (elastic.layout_of) is this run's; a checkpoint of another layout (allowed at launch by
+    elastic.check_resume) is re-partitioned by relayout.load when DeepSpeed cannot reload
+    it (ZeRO-1/2 under another data-parallel, pipeline or tensor size)."""
     root = checkpoint_dir(run_dir)
-    # Written by another number of processes (an elastic resume, checked at launch by
-    # training/elastic.py): the counters are the same on every rank, take rank 0's; the
-    # per-rank RNG streams have no counterpart, each rank keeps its seeded one.
     data_state = root / tag / DATA_STATE  # absent when no loader saved (test workers)
-    saved_world = (json.loads(data_state.read_text()).get("layout", {}).get("world_size")
-                   if data_state.exists() else None)
-    same_layout = saved_world in (None, dist.get_world_size())
+    saved = (json.loads(data_state.read_text()).get("layout", {})
+             if data_state.exists() else {})
+    same_layout = not saved or layout is None or all(
+        saved.get(k) == layout[k] for k in relayout.LAYOUT_KEYS)
+    # Another layout: the counters are the same on every rank, take rank 0's; the per-rank
+    # RNG streams have no counterpart, each rank keeps its seeded one.
     path = root / tag / f"trainer_rank{rank if same_layout else 0}.pt"
     if not path.exists():
         raise CheckpointError(
@@ -301,7 +310,27 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
             "resume with the same number of processes or start a new stage with init_from"
         )
     state = torch.load(path, weights_only=False)
-    _check_trainable(state.pop(TRAINABLE, None), engine, root / tag)
+    state.pop(relayout.RANK_MAP, None)
+    trainable = state.pop(TRAINABLE, None)
+    try:
+        if relayout.needed(saved, layout):
+            relayout.load(engine, par, root / tag)
+        else:
+            _check_trainable(trainable, engine, root / tag)
+            _deepspeed_load(engine, root, tag)
+    except (relayout.RelayoutError, ValueError) as e:
+        raise CheckpointError(f"{e}; resume with the saving run's config, or start a new "
+                              "run_dir with init_from") from e
+    rng = state.pop("rng")
+    if same_layout:
+        set_rng_state(rng)
+    elif rank == 0:
+        log.warning("resuming a checkpoint of layout %s under %s: RNG states not restored",
+                    relayout.describe(saved), relayout.describe(layout))
+    return state
+
+
+def _deepspeed_load(engine, root: Path, tag: str) -> None:
     try:  # not strict: frozen tensors are not in the checkpoint (see `save`)
         load_path, _ = engine.load_checkpoint(
             str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -314,13 +343,6 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
             "with, or start a new stage from its export with init_from") from e
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng = state.pop("rng")
-    if same_layout:
-        set_rng_state(rng)
-    elif rank == 0:
-        log.warning("resuming a checkpoint of %d processes with %d: RNG states not restored",
-                    saved_world, dist.get_world_size())
-    return state
 
 
 def _trainable_names(engine) -> list[str]:
@@ -337,8 +359,7 @@ def _check_trainable(saved: list[str] | None, engine, where: Path) -> None:
         raise ValueError(
             f"{where} was saved training other tensors than this run trains (stage.trainable "
             f"or model.lora changed?): this run also trains {missing[:4]}, the checkpoint "
-            f"also has {extra[:4]}; resume with the saving run's config, or start a new "
-            "run_dir with init_from")
+            f"also has {extra[:4]}")
 
 
 def load_data_state(run_dir: str | Path, tag: str) -> dict:

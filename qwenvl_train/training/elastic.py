@@ -27,6 +27,7 @@ from qwenvl_train.checks import ConfigError
 from qwenvl_train.data.stream import DataError
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.observe import flops
+from qwenvl_train.training.relayout import RELAYOUT_ZERO_STAGES, describe
 
 if TYPE_CHECKING:
     from qwenvl_train.config import TrainConfig
@@ -94,9 +95,14 @@ def build_exchange(cfg: TrainConfig, par) -> ReaderExchange | None:
     group = dist.new_group(ranks, backend="gloo") if len(ranks) > 1 else None
     if not par.reads_data:
         return None
-    layout = {"world_size": dist.get_world_size(), "pp": par.sizes.pp, "tp": par.sizes.tp,
-              "dp": par.sizes.dp, "zero_stage": int(cfg.parallel.zero_stage)}
-    return ReaderExchange(group, ranks, int(par.dp_rank), layout)
+    return ReaderExchange(group, ranks, int(par.dp_rank), layout_of(cfg, par))
+
+
+def layout_of(cfg: TrainConfig, par) -> dict:
+    """The layout a checkpoint records (`data_state.json`) and a resume compares with."""
+    return {"world_size": dist.get_world_size(), "pp": par.sizes.pp, "tp": par.sizes.tp,
+            "dp": par.sizes.dp, "zero_stage": int(cfg.parallel.zero_stage),
+            "rank_maps": int(cfg.parallel.zero_stage) in RELAYOUT_ZERO_STAGES}
 
 
 def micro_batch_cost(cfg: TrainConfig) -> Callable[[dict], float] | None:
@@ -177,24 +183,29 @@ def check_resume(cfg: TrainConfig, world_size: int, tag: str | None = None) -> N
 
 
 def _check_model_layout(was: dict, sizes, zero: int, where: str) -> None:
-    """DeepSpeed's model/optimizer files: which layout changes it can reload."""
+    """Which layout changes the model/optimizer files can follow: any between ZeRO-1/2
+    layouts (re-partitioned by training/relayout.py), ZeRO-0 under another dp size
+    (DeepSpeed reloads it), none for ZeRO-3 or across ZeRO-0/3 and the others."""
     if not was:
         return
-    if (was["pp"], was["tp"]) != (sizes.pp, sizes.tp):
-        raise ConfigError(
-            f"parallel.pp/parallel.tp: {where} was written with pp={was['pp']} x "
-            f"tp={was['tp']}, this run has pp={sizes.pp} x tp={sizes.tp}. Its model and "
-            "optimizer files are per pipeline stage and tensor slice, which DeepSpeed cannot "
-            f"reload under another split: resume with parallel.pp={was['pp']} "
-            f"parallel.tp={was['tp']} (any data-parallel size the data order allows).")
-    if was["zero_stage"] != zero:
-        raise ConfigError(f"parallel.zero_stage: {where} was written with ZeRO-"
-                          f"{was['zero_stage']}, this run has ZeRO-{zero}; resume with "
-                          f"parallel.zero_stage={was['zero_stage']}")
-    if zero >= 1 and was["dp"] != sizes.dp:
-        raise ConfigError(
-            f"data-parallel size: {where} was written by dp={was['dp']} ranks with ZeRO-"
-            f"{zero}, which partitions the optimizer state over them; DeepSpeed cannot "
-            f"re-partition it for dp={sizes.dp}. Resume with "
-            f"{was['dp'] * sizes.pp * sizes.tp} processes (dp={was['dp']}); only ZeRO-0 "
-            "checkpoints reload under another dp size.")
+    old = (was["pp"], was["tp"], was["dp"], was["zero_stage"])
+    if old == (sizes.pp, sizes.tp, sizes.dp, zero):
+        return
+    if was["zero_stage"] in RELAYOUT_ZERO_STAGES and zero in RELAYOUT_ZERO_STAGES:
+        if was.get("rank_maps"):
+            return
+        reason = "it was written before checkpoints recorded their parameter maps"
+    elif was["zero_stage"] == zero == 0 and old[:2] == (sizes.pp, sizes.tp):
+        return
+    elif 3 in (was["zero_stage"], zero):
+        reason = "ZeRO-3 partitions are reloaded only under the layout that wrote them"
+    else:
+        reason = ("ZeRO-0's whole optimizer state and ZeRO-1/2's partitions are not "
+                  "converted into each other")
+    raise ConfigError(
+        f"parallel: {where} was written with {describe(was)}, this run has "
+        f"{describe({'pp': sizes.pp, 'tp': sizes.tp, 'dp': sizes.dp, 'zero_stage': zero})}; "
+        f"{reason}. Resume with parallel.pp={was['pp']} parallel.tp={was['tp']} "
+        f"parallel.zero_stage={was['zero_stage']} on {was['pp'] * was['tp'] * was['dp']} "
+        "processes (any ZeRO-1/2 layout can resume any other ZeRO-1/2 checkpoint), or start "
+        "a new run_dir with init_from")

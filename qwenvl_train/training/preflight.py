@@ -7,9 +7,10 @@ with one message naming the key and the fix:
 
 * `run_dir` is a file, or cannot be created or written;
 * (`check_rerun`) a rerun of a run directory that holds checkpoints, with a model,
-  sequence length, image size, trainable groups or parallel layout that its checkpoints
-  cannot resume into (or with `resume=never`, which would overwrite them); the run's
-  `config.json` is therefore never overwritten by an incompatible launch;
+  sequence length, image size or trainable groups that its checkpoints cannot resume into
+  (or with `resume=never`, which would overwrite them); the run's `config.json` is
+  therefore never overwritten by an incompatible launch. Which parallel layouts a
+  checkpoint can resume under is the checkpoint's to say (elastic.check_resume);
 * the model does not fit: the capacity planner's peak per process for this config and
   layout (`observe/plan.py:required_memory_bytes`) against the memory available to it.
 
@@ -30,10 +31,10 @@ from qwenvl_train.config import TrainConfig
 from qwenvl_train.training.checkpoint_files import LATEST, checkpoint_dir, step_dirs
 
 # What a checkpoint fixes: a resume with another value cannot load it (or trains a
-# different stage under the same name).
+# different stage under the same name). The parallel layout is checked against the
+# checkpoint itself (elastic.check_resume: most layout changes are re-partitioned).
 RESUME_KEYS = ("model.llm", "model.vision", "model.adapter", "stage.name", "stage.template",
-               "stage.seq_len", "stage.image_size", "stage.trainable", "stage.pack",
-               "parallel.zero_stage", "parallel.pp", "parallel.tp")
+               "stage.seq_len", "stage.image_size", "stage.trainable", "stage.pack")
 MemoryEstimate = Callable[[TrainConfig, int, str], tuple[int, int]]
 log = logging.getLogger("qwenvl_train")
 

@@ -183,7 +183,7 @@ def _check_data_resume(cfg: TrainConfig, tag: str, world_size: int) -> None:
 def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
     """Train the stage; `callbacks` default to the instances `cfg.callbacks` names."""
     from qwenvl_train.data.loader import build_loader
-    from qwenvl_train.training.elastic import build_exchange, micro_batch_cost
+    from qwenvl_train.training.elastic import build_exchange, layout_of, micro_batch_cost
     from qwenvl_train.training.observe.tracking import ThroughputMeter, Tracker
     from qwenvl_train.training.parallel.parallelize import parallelize
 
@@ -230,7 +230,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) ->
         )
     state, meter_state = TrainState(), {}
     if tag:
-        state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank))
+        state = TrainState(**ckpt.load(engine, run_dir, tag, dist_info.rank, par=par,
+                                       layout=layout_of(cfg, par)))
         if loader is not None:
             loader.load_state_dict(ckpt.load_data_state(run_dir, tag))
         meter_state = state.meter

@@ -318,7 +318,7 @@ class Trainer:
                       self.dist.rank, self.cfg.checkpoint.keep_last,
                       on_written=lambda path: self.callbacks.on_checkpoint_written(self, step,
                                                                                    path),
-                      data_state=data_state)
+                      data_state=data_state, par=self.par)
 
     def _log(self, result: StepResult) -> dict:
         step = self.state.step

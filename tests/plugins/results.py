@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qwenvl_train.training.callbacks import TrainerCallback
@@ -53,3 +54,36 @@ def optimizer_check(engine) -> dict:
         "optimizer_equals_trainable": in_optimizer == trainable,
         "frozen_in_optimizer": len(in_optimizer - trainable),
     }
+
+
+class StartState(TrainerCallback):
+    """At the start of training (after any resume), each rank of data-parallel rank 0
+    writes its tensor slice of every trainable parameter's full fp32 weight and Adam
+    moments, Adam's step count, the groups' learning rates and the engine's step counter
+    to `out/state_rank{r}.pt` (tests/trainer_helpers.start_state joins the slices)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        from qwenvl_train.training import relayout
+
+        engine, par = trainer.engine, trainer.par
+        params = {}
+        for _, original, p in relayout.trainable_params(par):  # collective over dp ranks
+            params[original] = {
+                "fp32": safe_get_full_fp32_param(p),
+                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
+                "dim": getattr(p, "partition_dim", None) if getattr(
+                    p, "tensor_model_parallel", False) else None}
+        if par.dp_rank == 0:
+            base = engine.optimizer.optimizer
+            torch.save({"params": params, "tp_rank": par.grid.get_slice_parallel_rank(),
+                        "steps": [float(base.state[g["params"][0]]["step"])
+                                  for g in base.param_groups],
+                        "lrs": {g["name"]: g["lr"] for g in base.param_groups},
+                        "global_steps": engine.global_steps},
+                       self.out / f"state_rank{trainer.dist.rank}.pt")

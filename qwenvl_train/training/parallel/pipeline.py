@@ -183,7 +183,7 @@ def build_pipeline_module(model: QwenVL, topology, split: PipelineSplit) -> Qwen
 
 
 # ---- names, optimizer groups, weights ----------------------------------------------------
-def _original(pipe: nn.Module, name: str) -> str | None:
+def original_name(pipe: nn.Module, name: str) -> str | None:
     """`5.layer.mlp.up_proj.weight` -> `llm.model.layers.4.mlp.up_proj.weight`; None for an
     anchor."""
     idx, child, *rest = name.split(".", 2)
@@ -194,7 +194,7 @@ def _original(pipe: nn.Module, name: str) -> str | None:
 
 def named_parameters_original(pipe: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for name, param in pipe.named_parameters():
-        original = _original(pipe, name)
+        original = original_name(pipe, name)
         if original is not None:
             yield original, param
 
@@ -236,7 +236,7 @@ def gather_pipeline_state_dict(pipe: nn.Module, grid) -> dict[str, torch.Tensor]
     mine: dict[str, torch.Tensor] = {}
     if grid.get_data_parallel_rank() == 0 and grid.get_slice_parallel_rank() == 0:
         for name, tensor in local.items():
-            original = _original(pipe, name)
+            original = original_name(pipe, name)
             if original is not None:
                 mine[original] = tensor.cpu()
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -250,7 +250,7 @@ def load_pipeline_state_dict(pipe: nn.Module, full: dict[str, torch.Tensor], gri
     """Load plain-model weights into this rank's stage (sliced for tensor parallelism)."""
     local = {}
     for name in pipe.state_dict():
-        original = _original(pipe, name)
+        original = original_name(pipe, name)
         local[name] = full[original] if original is not None else pipe.state_dict()[name]
     load_full_state_dict(pipe, local, grid.get_slice_parallel_group())
 

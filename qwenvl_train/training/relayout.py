@@ -1,0 +1,274 @@
+"""Resume a ZeRO-1/2 checkpoint under another layout: data-parallel size, pipeline stages,
+tensor-parallel size or ZeRO-1 <-> 2.
+
+DeepSpeed writes, per (pipeline stage, tensor slice, data-parallel rank), one file with that
+rank's flat fp32 partition of the master weights and of Adam's two moments, and for every
+parameter the fragment of the partition it owns (`param_slice_mappings`, by the engine's
+parameter name). DeepSpeed reloads those files only under the layout that wrote them. So
+each save also records, per rank, its `rank_map`: which file it wrote, its tensor rank, and
+for every trainable parameter the plain model's name and the dimension its tensor slice was
+cut along. A resume under another layout then (`load`):
+
+1. assembles each trainable parameter's full fp32 weight and moments: the fragments of the
+   data-parallel ranks concatenated in rank order give one tensor slice; tensor slices are
+   joined along their split dimension (replicated parameters are taken from tensor rank 0);
+2. cuts this rank's tensor slice and writes it into this rank's fragments through
+   DeepSpeed's tensor-fragment API (`safe_set_full_*`), and into the module's parameter;
+3. sets Adam's step count, the optimizer groups' settings (by group name), the scheduler and
+   the engine's step counters from the saved files.
+
+Nothing is recomputed or rounded: the resumed weights and moments equal the saved ones
+bitwise (tested); what differs afterwards is only the order of floating-point reductions
+(data-parallel sums, tensor-parallel partial products). Files are opened memory-mapped, so
+a rank reads the pages of the parameters it holds, not every file whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("qwenvl_train")
+
+RANK_MAP = "rank_map"  # key of the per-rank trainer file that holds `rank_map(...)`
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+RELAYOUT_ZERO_STAGES = (1, 2)  # the flat-partition format read here
+LAYOUT_KEYS = ("world_size", "pp", "tp", "dp", "zero_stage")  # of elastic.layout_of
+
+
+class RelayoutError(RuntimeError):
+    """A checkpoint whose files do not hold what the resume under the new layout needs."""
+
+
+def describe(layout: dict | None) -> str:
+    if not layout:
+        return "unknown"
+    return (f"pp={layout['pp']} x tp={layout['tp']} x dp={layout['dp']}, "
+            f"ZeRO-{layout['zero_stage']}")
+
+
+def supports(engine) -> bool:
+    """Whether this engine's checkpoint files are the ZeRO-1/2 partitions read here."""
+    return engine.zero_optimization_stage() in RELAYOUT_ZERO_STAGES
+
+
+def needed(saved: dict | None, now: dict | None) -> bool:
+    """A resume from layout `saved` into `now` that DeepSpeed's own loader cannot do
+    (ZeRO-1/2 partitions under another pp, tp or dp size, or ZeRO-1 <-> 2)."""
+    if not saved or not now:
+        return False
+    return (saved["zero_stage"] in RELAYOUT_ZERO_STAGES
+            and now["zero_stage"] in RELAYOUT_ZERO_STAGES
+            and any(saved[k] != now[k] for k in ("pp", "tp", "dp", "zero_stage")))
+
+
+def trainable_params(par) -> list[tuple[str, str, nn.Parameter]]:
+    """(engine name, plain-model name, parameter) of this rank's trainable parameters;
+    pipeline anchors (no plain-model counterpart) are left out."""
+    from qwenvl_train.training.parallel import pipeline
+
+    out = []
+    for name, param in par.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        original = pipeline.original_name(par.module, name) if par.is_pipeline else name
+        if original is not None:
+            out.append((name, original, param))
+    return out
+
+
+def _split_dim(param: nn.Parameter) -> int | None:
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def rank_map(engine, par) -> dict[str, Any]:
+    """What a later resume under another layout needs to know of this rank's files."""
+    return {
+        "zero_file": Path(engine._get_zero_ckpt_name("", "")).name,
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "tp_rank": int(par.grid.get_slice_parallel_rank()),
+        "tp_size": int(par.sizes.tp),
+        # the data rank in DeepSpeed's file names: within the optimizer's partition group
+        "dp_rank": int(dist.get_rank(group=engine.optimizer.dp_process_group)),
+        "params": {name: [original, _split_dim(p)] for name, original, p in trainable_params(par)},
+    }
+
+
+class SavedState:
+    """Full fp32 weights and Adam moments of every trainable parameter of a checkpoint
+    directory, assembled on demand from its ZeRO-1/2 partition files."""
+
+    def __init__(self, step_dir: Path, rank_maps: list[dict]) -> None:
+        self.dir = step_dir
+        self._files: dict[str, dict] = {}
+        # plain name -> tensor rank -> [(data rank, file, engine name)]; split dim, tp size
+        self.pieces: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+        self.split: dict[str, tuple[int | None, int]] = {}
+        for m in rank_maps:
+            for name, (original, dim) in m["params"].items():
+                self.pieces[original][m["tp_rank"]].append((m["dp_rank"], m["zero_file"], name))
+                self.split[original] = (dim, m["tp_size"])
+
+    @classmethod
+    def open(cls, step_dir: Path) -> SavedState:
+        maps = []
+        for path in sorted(step_dir.glob("trainer_rank*.pt")):
+            saved = torch.load(path, weights_only=False, map_location="cpu").get(RANK_MAP)
+            if saved is None:
+                raise RelayoutError(f"{path} records no parameter map (written before "
+                                    "resumes across layouts); resume with its layout")
+            maps.append(saved)
+        if not maps:
+            raise RelayoutError(f"{step_dir} has no trainer_rank*.pt files")
+        return cls(step_dir, maps)
+
+    def names(self) -> set[str]:
+        return set(self.pieces)
+
+    def _optimizer_state(self, file: str) -> dict:
+        if file not in self._files:
+            sd = torch.load(self.dir / file, mmap=True, weights_only=False, map_location="cpu")
+            sd = sd["optimizer_state_dict"]
+            if not isinstance(sd.get("base_optimizer_state"), dict):
+                raise RelayoutError(f"{self.dir / file}: an elastic ZeRO checkpoint (DeepSpeed "
+                                    "elastic_checkpoint=true) is not read here")
+            where = {name: (g, address) for g, mapping in enumerate(sd["param_slice_mappings"])
+                     for name, address in mapping.items()}
+            self._files[file] = {"sd": sd, "where": where}
+        return self._files[file]
+
+    def _fragment(self, file: str, name: str, key: str) -> torch.Tensor:
+        entry = self._optimizer_state(file)
+        g, address = entry["where"][name]
+        sd = entry["sd"]
+        flat = (sd["single_partition_of_fp32_groups"][g] if key == "fp32"
+                else sd["base_optimizer_state"]["state"][g][key])
+        return flat.narrow(0, address.start, address.numel)
+
+    def full(self, original: str, shape: torch.Size) -> dict[str, torch.Tensor]:
+        """The full fp32 weight and moments of parameter `original`, whose full shape is
+        `shape` (the plain model's)."""
+        if original not in self.pieces:
+            raise RelayoutError(f"{self.dir} holds no state for {original}")
+        dim, tp = self.split[original]
+        slices = sorted(self.pieces[original].items())
+        if dim is None:
+            slices = slices[:1]  # replicated: every tensor rank holds the same values
+        slice_shape = list(shape)
+        if dim is not None:
+            slice_shape[dim] //= tp
+        out = {}
+        for key in STATE_KEYS:
+            parts = []
+            for _, pieces in slices:
+                # a parameter has a fragment in the files of the data ranks it overlaps
+                flat = torch.cat([self._fragment(file, name, key)
+                                  for _, file, name in sorted(pieces)
+                                  if name in self._optimizer_state(file)["where"]])
+                if flat.numel() != torch.Size(slice_shape).numel():
+                    raise RelayoutError(f"{self.dir}: {original} has {flat.numel()} values in "
+                                        f"its files, the model expects {slice_shape}")
+                parts.append(flat.view(slice_shape))
+            out[key] = torch.cat(parts, dim=dim) if dim is not None else parts[0]
+        return out
+
+    def step(self) -> torch.Tensor:
+        """Adam's step count (the same in every group and file)."""
+        states = [s for file in sorted(self._all_files())
+                  for s in self._optimizer_state(file)["sd"]["base_optimizer_state"]["state"]
+                  .values()]
+        steps = {float(s["step"]) for s in states}
+        if len(steps) != 1:
+            raise RelayoutError(f"{self.dir}: Adam step counts differ between groups: {steps}")
+        return states[0]["step"].clone()
+
+    def group_settings(self) -> dict[str, dict]:
+        """Optimizer group settings (lr, weight decay, ...) by group name."""
+        out: dict[str, dict] = {}
+        for entry in (self._optimizer_state(f) for f in sorted(self._all_files())):
+            for group in entry["sd"]["base_optimizer_state"]["param_groups"]:
+                out.setdefault(group["name"], {k: v for k, v in group.items() if k != "params"})
+        return out
+
+    def _all_files(self) -> set[str]:
+        return {file for per_tp in self.pieces.values() for pieces in per_tp.values()
+                for _, file, _ in pieces}
+
+    def model_states(self) -> dict:
+        """Counters and scheduler of the DeepSpeed model-state file (identical on every
+        model-parallel rank)."""
+        path = min(self.dir.glob("mp_rank_*_model_states.pt"))
+        return torch.load(path, weights_only=False, map_location="cpu", mmap=True)
+
+
+def _init_adam_state(adam: torch.optim.Optimizer, step: torch.Tensor) -> None:
+    """Adam's per-partition state as its first step would create it (torch creates it
+    lazily; the fragments written next must have somewhere to go), at the saved step."""
+    for group in adam.param_groups:
+        if group.get("amsgrad"):
+            raise RelayoutError("optimizer amsgrad=True is not re-partitioned")
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = adam.state[p]
+            state["step"] = step.to(device=p.device if on_device else "cpu",
+                                    dtype=torch.float32).clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def _full_shape(param: nn.Parameter, tp: int) -> torch.Size:
+    shape, dim = list(param.shape), _split_dim(param)
+    if dim is not None:
+        shape[dim] *= tp
+    return torch.Size(shape)
+
+
+@torch.no_grad()
+def load(engine, par, step_dir: Path) -> None:
+    """Load checkpoint `step_dir` (any ZeRO-1/2 layout) into this run's engine (ZeRO-1/2,
+    any layout). Every rank calls it; collective only through DeepSpeed's fragment writes
+    (none) and one name check."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    saved = SavedState.open(step_dir)
+    mine = trainable_params(par)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(original for _, original, _ in mine))
+    now = set().union(*everyone)
+    if now != saved.names():
+        missing, extra = sorted(now - saved.names()), sorted(saved.names() - now)
+        raise RelayoutError(
+            f"{step_dir} was saved training other tensors than this run trains: this run "
+            f"also trains {missing[:4]}, the checkpoint also has {extra[:4]}")
+    optimizer = engine.optimizer
+    step, settings = saved.step(), saved.group_settings()
+    _init_adam_state(optimizer.optimizer, step)
+    optimizer._lazy_init_hp_params_optimizer_state()  # link Adam's moments to the fragments
+    tp, tp_rank = par.sizes.tp, par.grid.get_slice_parallel_rank()
+    for _, original, param in mine:
+        full = saved.full(original, _full_shape(param, tp))
+        dim = _split_dim(param)
+        local = {k: (v.chunk(tp, dim=dim)[tp_rank] if dim is not None else v).contiguous()
+                 for k, v in full.items()}
+        safe_set_full_fp32_param(param, local["fp32"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, local[key], key)
+        param.data.copy_(local["fp32"].to(param.dtype))
+    for group in optimizer.optimizer.param_groups:
+        if group.get("name") not in settings:
+            raise RelayoutError(f"{step_dir} has no optimizer group {group.get('name')!r}")
+        group.update({k: v for k, v in settings[group["name"]].items() if k != "params"})
+    states = saved.model_states()
+    engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps = states["global_steps"]
+    engine.global_samples = states["global_samples"]
+    engine.skipped_steps = states["skipped_steps"]
+    if dist.get_rank() == 0:
+        log.info("resumed %s under a new layout: %d trainable tensors re-partitioned",
+                 step_dir.name, len(now))
