@@ -44,9 +44,12 @@ demo: install $(DEMO_DATA)/.built
 	$(VENV)/bin/qwenvl-eval $(DEMO_DIR)/sft --root $(DEMO_DATA) --shards 'val/*.tar' \
 		--limit 32 --table
 
+# Two pytest workers, each taking whole test files (module fixtures such as a reference run
+# are built once): the suite's single-process tests leave a core idle otherwise.
+TEST_WORKERS ?= 2
 test: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
