@@ -75,6 +75,12 @@ def test_weight_decay_exclusions():
     assert all(wd_of[id(p)] == 0.05 for p in decay)
     names = dict(model.named_parameters())
     assert skips_weight_decay("module.vit.positional_embedding", names["vit.positional_embedding"])
+    # ZeRO-3 (deepspeed.zero.Init) leaves an empty 1-d tensor and the real shape in ds_shape:
+    # a partitioned matrix still decays (every ZeRO-3 parameter once landed in no_decay).
+    for name, param in names.items():
+        placeholder = torch.nn.Parameter(torch.empty(0))
+        placeholder.ds_shape = param.shape
+        assert skips_weight_decay(name, placeholder) == skips_weight_decay(name, param), name
 
 
 def test_optimizer_holds_exactly_the_trainable_parameters_with_scaled_lrs():

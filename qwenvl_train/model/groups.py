@@ -193,9 +193,11 @@ def layer_decay_scale(name: str, num_vit_layers: int, decay: float) -> float:
 
 
 def skips_weight_decay(name: str, param: Tensor) -> bool:
-    """Norm weights, biases, position tables and learned queries get no weight decay."""
+    """Norm weights, biases, position tables and learned queries get no weight decay.
+    A ZeRO-3 parameter is an empty 1-d placeholder outside a forward: its shape is ds_shape."""
     name = _strip_wrappers(name)
-    return param.ndim < 2 or any(_under(name, p) for p in _NO_DECAY)
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim < 2 or any(_under(name, p) for p in _NO_DECAY)
 
 
 # ---- pipeline placement -------------------------------------------------------------------
