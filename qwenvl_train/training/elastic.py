@@ -139,12 +139,12 @@ _CONFIG_KEYS = {
 def check_resume(cfg: TrainConfig, world_size: int, tag: str | None = None) -> None:
     """Refuse, before any process group starts, a resume that the data order cannot
     honour: one that changes what the global order depends on (virtual streams, global and
-    micro batch, sequence length, sources, ...) or a layout whose model/optimizer files
-    DeepSpeed cannot reload. Raises ConfigError naming the key and the numbers. (That the
-    virtual streams cover this launch's readers is `global_order.check_cover`'s, torch-free;
-    `config.validate_launch` runs both.) The checkpoint is `tag`, by default the one a resume
-    will pick (`checkpoint.resume_candidate`: a damaged newest is skipped as the
-    checkpoint.on_damaged=fallback resume skips it)."""
+    micro batch, sequence length, sources, ...) or a layout that its model/optimizer files
+    cannot be re-partitioned for (training/relayout.py). Raises ConfigError naming the key
+    and the numbers. (That the virtual streams cover this launch's readers is
+    `global_order.check_cover`'s, torch-free; `config.validate_launch` runs both.) The
+    checkpoint is `tag`, by default the one a resume will pick (`checkpoint.resume_candidate`:
+    a damaged newest is skipped as the checkpoint.on_damaged=fallback resume skips it)."""
     from qwenvl_train.data.loader import loader_spec
     from qwenvl_train.training.parallel.topology import validate_parallel
 
@@ -180,12 +180,32 @@ def check_resume(cfg: TrainConfig, world_size: int, tag: str | None = None) -> N
                 f"has {new!r}; the run's sample order depends on it. Resume with the saved "
                 "value, or start a new run_dir (init_from= the export for new weights).")
     _check_model_layout(saved.get("layout", {}), sizes, int(cfg.parallel.zero_stage), where)
+    _check_random_frozen(cfg, saved.get("layout", {}), where)
+
+
+def _check_random_frozen(cfg: TrainConfig, was: dict, where: str) -> None:
+    """Frozen parts are not in checkpoints: a resume rebuilds them. Randomly initialised ones
+    (no weights reach them) come out differently under deepspeed.zero.Init than in a plain
+    build, so a resume across the ZeRO-3 boundary would train next to other frozen weights."""
+    from qwenvl_train.model.source_config import frozen_random_parts
+
+    zero = int(cfg.parallel.zero_stage)
+    if not was or (was["zero_stage"] == 3) == (zero == 3):
+        return
+    random = frozen_random_parts(cfg.model, cfg.stage.trainable, cfg.init_from)
+    if random:
+        raise ConfigError(
+            f"parallel.zero_stage: {where} was written with ZeRO-{was['zero_stage']}, this run "
+            f"has ZeRO-{zero}; its frozen part(s) {', '.join(random)} are randomly initialised "
+            "(no weights reach them), and deepspeed.zero.Init draws them differently from a "
+            f"plain build. Resume with parallel.zero_stage={was['zero_stage']}, or load those "
+            "parts from weights (model.weights.*, init_from)")
 
 
 def _check_model_layout(was: dict, sizes, zero: int, where: str) -> None:
-    """Which layout changes the model/optimizer files can follow: any between ZeRO-1/2
+    """Which layout changes the model/optimizer files can follow: any between ZeRO-1/2/3
     layouts (re-partitioned by training/relayout.py), ZeRO-0 under another dp size
-    (DeepSpeed reloads it), none for ZeRO-3 or across ZeRO-0/3 and the others."""
+    (DeepSpeed reloads it), none between ZeRO-0 and the others."""
     if not was:
         return
     old = (was["pp"], was["tp"], was["dp"], was["zero_stage"])
@@ -197,15 +217,13 @@ def _check_model_layout(was: dict, sizes, zero: int, where: str) -> None:
         reason = "it was written before checkpoints recorded their parameter maps"
     elif was["zero_stage"] == zero == 0 and old[:2] == (sizes.pp, sizes.tp):
         return
-    elif 3 in (was["zero_stage"], zero):
-        reason = "ZeRO-3 partitions are reloaded only under the layout that wrote them"
     else:
-        reason = ("ZeRO-0's whole optimizer state and ZeRO-1/2's partitions are not "
+        reason = ("ZeRO-0's whole optimizer state and the ZeRO-1/2/3 partitions are not "
                   "converted into each other")
     raise ConfigError(
         f"parallel: {where} was written with {describe(was)}, this run has "
         f"{describe({'pp': sizes.pp, 'tp': sizes.tp, 'dp': sizes.dp, 'zero_stage': zero})}; "
         f"{reason}. Resume with parallel.pp={was['pp']} parallel.tp={was['tp']} "
         f"parallel.zero_stage={was['zero_stage']} on {was['pp'] * was['tp'] * was['dp']} "
-        "processes (any ZeRO-1/2 layout can resume any other ZeRO-1/2 checkpoint), or start "
+        "processes (a ZeRO-1/2/3 checkpoint resumes under any ZeRO-1/2/3 layout), or start "
         "a new run_dir with init_from")

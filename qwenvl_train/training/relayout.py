@@ -1,19 +1,21 @@
-"""Resume a ZeRO-1/2 checkpoint under another layout: data-parallel size, pipeline stages,
-tensor-parallel size or ZeRO-1 <-> 2.
+"""Resume a ZeRO-1/2/3 checkpoint under another layout: data-parallel size, pipeline
+stages, tensor-parallel size or ZeRO stage (1, 2, 3 into each other).
 
 DeepSpeed writes, per (pipeline stage, tensor slice, data-parallel rank), one file with that
-rank's flat fp32 partition of the master weights and of Adam's two moments, and for every
-parameter the fragment of the partition it owns (`param_slice_mappings`, by the engine's
-parameter name). DeepSpeed reloads those files only under the layout that wrote them. So
-each save also records, per rank, its `rank_map`: which file it wrote, its tensor rank, and
-for every trainable parameter the plain model's name and the dimension its tensor slice was
-cut along. A resume under another layout then (`load`):
+rank's flat fp32 partition of the master weights and of Adam's two moments. ZeRO-1/2 record
+for every parameter the fragment of the partition it owns (`param_slice_mappings`, by the
+engine's parameter name); ZeRO-3 splits every parameter evenly over the data ranks, in the
+order of the model file's `param_shapes`. DeepSpeed reloads those files only under the
+layout that wrote them. So each save also records, per rank, its `rank_map`: which files it
+wrote, its data and tensor rank, and for every trainable parameter the plain model's name
+and the dimension its tensor slice was cut along. A resume under another layout (`load`):
 
 1. assembles each trainable parameter's full fp32 weight and moments: the fragments of the
    data-parallel ranks concatenated in rank order give one tensor slice; tensor slices are
    joined along their split dimension (replicated parameters are taken from tensor rank 0);
 2. cuts this rank's tensor slice and writes it into this rank's fragments through
-   DeepSpeed's tensor-fragment API (`safe_set_full_*`), and into the module's parameter;
+   DeepSpeed's tensor-fragment API (`safe_set_full_*`, any ZeRO stage), and into the
+   module's (bit16) parameter;
 3. sets Adam's step count, the optimizer groups' settings (by group name), the scheduler and
    the engine's step counters from the saved files.
 
@@ -38,7 +40,7 @@ log = logging.getLogger("qwenvl_train")
 
 RANK_MAP = "rank_map"  # key of the per-rank trainer file that holds `rank_map(...)`
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-RELAYOUT_ZERO_STAGES = (1, 2)  # the flat-partition format read here
+RELAYOUT_ZERO_STAGES = (1, 2, 3)  # the partition formats read and written here
 LAYOUT_KEYS = ("world_size", "pp", "tp", "dp", "zero_stage")  # of elastic.layout_of
 
 
@@ -54,13 +56,13 @@ def describe(layout: dict | None) -> str:
 
 
 def supports(engine) -> bool:
-    """Whether this engine's checkpoint files are the ZeRO-1/2 partitions read here."""
+    """Whether this engine's checkpoint files are the ZeRO partitions read here."""
     return engine.zero_optimization_stage() in RELAYOUT_ZERO_STAGES
 
 
 def needed(saved: dict | None, now: dict | None) -> bool:
     """A resume from layout `saved` into `now` that DeepSpeed's own loader cannot do
-    (ZeRO-1/2 partitions under another pp, tp or dp size, or ZeRO-1 <-> 2)."""
+    (ZeRO-1/2/3 partitions under another pp, tp, dp size or ZeRO stage)."""
     if not saved or not now:
         return False
     return (saved["zero_stage"] in RELAYOUT_ZERO_STAGES
@@ -91,6 +93,7 @@ def rank_map(engine, par) -> dict[str, Any]:
     """What a later resume under another layout needs to know of this rank's files."""
     return {
         "zero_file": Path(engine._get_zero_ckpt_name("", "")).name,
+        "model_file": Path(engine._get_ckpt_name("", "")).name,
         "zero_stage": int(engine.zero_optimization_stage()),
         "tp_rank": int(par.grid.get_slice_parallel_rank()),
         "tp_size": int(par.sizes.tp),
@@ -102,10 +105,11 @@ def rank_map(engine, par) -> dict[str, Any]:
 
 class SavedState:
     """Full fp32 weights and Adam moments of every trainable parameter of a checkpoint
-    directory, assembled on demand from its ZeRO-1/2 partition files."""
+    directory, assembled on demand from its ZeRO-1/2/3 partition files."""
 
     def __init__(self, step_dir: Path, rank_maps: list[dict]) -> None:
         self.dir = step_dir
+        self._maps = {m["zero_file"]: m for m in rank_maps}
         self._files: dict[str, dict] = {}
         # plain name -> tensor rank -> [(data rank, file, engine name)]; split dim, tp size
         self.pieces: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
@@ -132,24 +136,50 @@ class SavedState:
         return set(self.pieces)
 
     def _optimizer_state(self, file: str) -> dict:
+        """One rank's file as {fp32: [flat per group], state: {group: Adam state},
+        param_groups, where: {engine name: (group, start, numel)}}: its fragment of each
+        parameter it holds, in either ZeRO format."""
         if file not in self._files:
             sd = torch.load(self.dir / file, mmap=True, weights_only=False, map_location="cpu")
             sd = sd["optimizer_state_dict"]
-            if not isinstance(sd.get("base_optimizer_state"), dict):
+            if "fp32_flat_groups" in sd:
+                self._files[file] = self._zero3(sd, self._maps[file])
+            elif isinstance(sd.get("base_optimizer_state"), dict):
+                base = sd["base_optimizer_state"]
+                self._files[file] = {
+                    "fp32": sd["single_partition_of_fp32_groups"], "state": base["state"],
+                    "param_groups": base["param_groups"],
+                    "where": {name: (g, a.start, a.numel)
+                              for g, mapping in enumerate(sd["param_slice_mappings"])
+                              for name, a in mapping.items()}}
+            else:
                 raise RelayoutError(f"{self.dir / file}: an elastic ZeRO checkpoint (DeepSpeed "
                                     "elastic_checkpoint=true) is not read here")
-            where = {name: (g, address) for g, mapping in enumerate(sd["param_slice_mappings"])
-                     for name, address in mapping.items()}
-            self._files[file] = {"sd": sd, "where": where}
         return self._files[file]
+
+    def _zero3(self, sd: dict, rank_map: dict) -> dict:
+        """ZeRO-3 splits every parameter evenly over the data ranks (the last part padded)
+        and concatenates this rank's parts in the order of the model file's param_shapes."""
+        shapes = torch.load(self.dir / rank_map["model_file"], weights_only=False,
+                            map_location="cpu", mmap=True)["param_shapes"]
+        ranks, rank = int(sd["partition_count"]), rank_map["dp_rank"]
+        where = {}
+        for g, group in enumerate(shapes):
+            offset = 0
+            for name, shape in group.items():
+                numel = torch.Size(shape).numel()
+                part = -(-numel // ranks)
+                where[name] = (g, offset, max(0, min(part, numel - rank * part)))
+                offset += part
+        base = sd["optimizer_state_dict"]
+        return {"fp32": sd["fp32_flat_groups"], "state": base["state"],
+                "param_groups": base["param_groups"], "where": where}
 
     def _fragment(self, file: str, name: str, key: str) -> torch.Tensor:
         entry = self._optimizer_state(file)
-        g, address = entry["where"][name]
-        sd = entry["sd"]
-        flat = (sd["single_partition_of_fp32_groups"][g] if key == "fp32"
-                else sd["base_optimizer_state"]["state"][g][key])
-        return flat.narrow(0, address.start, address.numel)
+        g, start, numel = entry["where"][name]
+        flat = entry["fp32"][g] if key == "fp32" else entry["state"][g][key]
+        return flat.narrow(0, start, numel)
 
     def full(self, original: str, shape: torch.Size) -> dict[str, torch.Tensor]:
         """The full fp32 weight and moments of parameter `original`, whose full shape is
@@ -181,8 +211,7 @@ class SavedState:
     def step(self) -> torch.Tensor:
         """Adam's step count (the same in every group and file)."""
         states = [s for file in sorted(self._all_files())
-                  for s in self._optimizer_state(file)["sd"]["base_optimizer_state"]["state"]
-                  .values()]
+                  for s in self._optimizer_state(file)["state"].values()]
         steps = {float(s["step"]) for s in states}
         if len(steps) != 1:
             raise RelayoutError(f"{self.dir}: Adam step counts differ between groups: {steps}")
@@ -192,7 +221,7 @@ class SavedState:
         """Optimizer group settings (lr, weight decay, ...) by group name."""
         out: dict[str, dict] = {}
         for entry in (self._optimizer_state(f) for f in sorted(self._all_files())):
-            for group in entry["sd"]["base_optimizer_state"]["param_groups"]:
+            for group in entry["param_groups"]:
                 out.setdefault(group["name"], {k: v for k, v in group.items() if k != "params"})
         return out
 
@@ -203,27 +232,42 @@ class SavedState:
     def model_states(self) -> dict:
         """Counters and scheduler of the DeepSpeed model-state file (identical on every
         model-parallel rank)."""
-        path = min(self.dir.glob("mp_rank_*_model_states.pt"))
+        path = self.dir / min(m["model_file"] for m in self._maps.values())
         return torch.load(path, weights_only=False, map_location="cpu", mmap=True)
 
 
-def _init_adam_state(adam: torch.optim.Optimizer, step: torch.Tensor) -> None:
-    """Adam's per-partition state as its first step would create it (torch creates it
-    lazily; the fragments written next must have somewhere to go), at the saved step."""
-    for group in adam.param_groups:
-        if group.get("amsgrad"):
-            raise RelayoutError("optimizer amsgrad=True is not re-partitioned")
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            state = adam.state[p]
-            state["step"] = step.to(device=p.device if on_device else "cpu",
-                                    dtype=torch.float32).clone()
-            for key in ("exp_avg", "exp_avg_sq"):
-                state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+def _init_adam_state(adam: torch.optim.Optimizer, flats: list[torch.Tensor],
+                     step: torch.Tensor) -> None:
+    """Adam's state of each flat fp32 partition as its first step would create it (torch
+    creates it lazily; the fragments written next need somewhere to go), at the saved step."""
+    groups = adam.param_groups
+    if any(g.get("amsgrad") for g in groups):
+        raise RelayoutError("optimizer amsgrad=True is not re-partitioned")
+    on_device = any(g.get("fused") or g.get("capturable") for g in groups)
+    for p in flats:
+        state = adam.state[p]
+        state["step"] = step.to(device=p.device if on_device else "cpu",
+                                dtype=torch.float32).clone()
+        for key in ("exp_avg", "exp_avg_sq"):
+            state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def _refresh_zero3_bit16(optimizer) -> None:
+    """ZeRO-3 keeps this rank's parts of the (bit16) model parameters in one flat tensor per
+    sub-group, apart from the fp32 partitions just written: copy those in and point the
+    parameters' parts at it (as DeepSpeed's own universal-checkpoint load finishes)."""
+    for g, fp32 in enumerate(optimizer.fp32_partitioned_groups_flat):
+        flat = optimizer.fp16_partitioned_groups_flat[g]
+        parts = optimizer.fp16_partitioned_groups[g]
+        if fp32.numel():
+            flat.data.copy_(fp32.data)
+        for part, view in zip(parts, optimizer.unflatten(flat, parts), strict=True):
+            part.data = view.data
 
 
 def _full_shape(param: nn.Parameter, tp: int) -> torch.Size:
-    shape, dim = list(param.shape), _split_dim(param)
+    # ZeRO-3 parameters are empty outside a forward; ds_shape is their (tensor slice) shape
+    shape, dim = list(getattr(param, "ds_shape", param.shape)), _split_dim(param)
     if dim is not None:
         shape[dim] *= tp
     return torch.Size(shape)
@@ -231,9 +275,9 @@ def _full_shape(param: nn.Parameter, tp: int) -> torch.Size:
 
 @torch.no_grad()
 def load(engine, par, step_dir: Path) -> None:
-    """Load checkpoint `step_dir` (any ZeRO-1/2 layout) into this run's engine (ZeRO-1/2,
-    any layout). Every rank calls it; collective only through DeepSpeed's fragment writes
-    (none) and one name check."""
+    """Load checkpoint `step_dir` (any ZeRO-1/2/3 layout) into this run's engine (ZeRO-1/2/3,
+    any layout). Every rank calls it; the only collective is one name check (the fragment
+    writes are local)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     saved = SavedState.open(step_dir)
@@ -248,8 +292,14 @@ def load(engine, par, step_dir: Path) -> None:
             f"also trains {missing[:4]}, the checkpoint also has {extra[:4]}")
     optimizer = engine.optimizer
     step, settings = saved.step(), saved.group_settings()
-    _init_adam_state(optimizer.optimizer, step)
-    optimizer._lazy_init_hp_params_optimizer_state()  # link Adam's moments to the fragments
+    zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
+    # ZeRO-3 hands its base optimizer one sub-group's partition at a time (groups hold no
+    # params between steps); ZeRO-1/2 keep one partition per group in it.
+    flats = (optimizer.fp32_partitioned_groups_flat if zero3 else
+             [p for g in optimizer.optimizer.param_groups for p in g["params"]])
+    _init_adam_state(optimizer.optimizer, flats, step)
+    if not zero3:  # ZeRO-1/2: link Adam's moments to the parameters' fragments
+        optimizer._lazy_init_hp_params_optimizer_state()
     tp, tp_rank = par.sizes.tp, par.grid.get_slice_parallel_rank()
     for _, original, param in mine:
         full = saved.full(original, _full_shape(param, tp))
@@ -259,7 +309,10 @@ def load(engine, par, step_dir: Path) -> None:
         safe_set_full_fp32_param(param, local["fp32"])
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(param, local[key], key)
-        param.data.copy_(local["fp32"].to(param.dtype))
+        if not zero3:
+            param.data.copy_(local["fp32"].to(param.dtype))
+    if zero3:
+        _refresh_zero3_bit16(optimizer)
     for group in optimizer.optimizer.param_groups:
         if group.get("name") not in settings:
             raise RelayoutError(f"{step_dir} has no optimizer group {group.get('name')!r}")

@@ -81,9 +81,11 @@ class StartState(TrainerCallback):
                     p, "tensor_model_parallel", False) else None}
         if par.dp_rank == 0:
             base = engine.optimizer.optimizer
+            # ZeRO-3 hands the base optimizer its partitions only during a step
+            flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+                p for g in base.param_groups for p in g["params"]]
             torch.save({"params": params, "tp_rank": par.grid.get_slice_parallel_rank(),
-                        "steps": [float(base.state[g["params"][0]]["step"])
-                                  for g in base.param_groups],
+                        "steps": [float(base.state[p]["step"]) for p in flats],
                         "lrs": {g["name"]: g["lr"] for g in base.param_groups},
                         "global_steps": engine.global_steps},
                        self.out / f"state_rank{trainer.dist.rank}.pt")
