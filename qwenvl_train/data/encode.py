@@ -78,7 +78,7 @@ def truncate(tokens: Tokens, seq_len: int, key: str = "") -> Tokens:
         raise SampleError("too_long", f"{key}: {n} tokens > {seq_len} and an image span "
                           "would be cut")
     labels = tokens.labels[:seq_len]
-    if all(lab == IGNORE_INDEX for lab in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         raise SampleError("too_long", f"{key}: {n} tokens > {seq_len}, no loss token left")
     return Tokens(tokens.input_ids[:seq_len], labels, tokens.image_order, tokens.image_spans)
 
@@ -87,7 +87,7 @@ def encode_tokens(sample: Sample, template: str, tokenizer: QwenVLTokenizer,
                   num_image_tokens: int, seq_len: int) -> Tokens:
     """Render + tokenise + truncate (no image decoding: decide `too_long` cheaply first)."""
     tokens = pieces_to_ids(render(sample, template), tokenizer, num_image_tokens)
-    if not any(lab != IGNORE_INDEX for lab in tokens.labels):
+    if tokens.labels.count(IGNORE_INDEX) == len(tokens.labels):  # count(): C speed
         raise SampleError("bad_record", f"{sample.key}: renders without any loss token")
     return truncate(tokens, seq_len, sample.key)
 
