@@ -109,8 +109,8 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, rank: int,
     """Save on every rank; `latest` moves after every rank wrote and the manifest is written.
     `on_written(path)` runs once this rank's files are in `path`, before the barrier.
     `data_state` (the loader's global state, on rank 0) goes into `data_state.json`. With
-    the layout `par` under ZeRO-1/2/3, each rank also records its `relayout.rank_map`,
-    which lets a resume re-partition the checkpoint for another layout."""
+    the layout `par` (any ZeRO stage; fp32 without ZeRO), each rank also records its
+    `relayout.rank_map`, which lets a resume re-partition the checkpoint for another layout."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -294,7 +294,7 @@ def load(engine, run_dir: str | Path, tag: str, rank: int, par=None,
     """Restore model, optimizer and scheduler; return this rank's trainer state. `layout`
     (elastic.layout_of) is this run's; a checkpoint of another layout (allowed at launch by
     elastic.check_resume) is re-partitioned by relayout.load when DeepSpeed cannot reload
-    it (ZeRO-1/2/3 under another data-parallel, pipeline or tensor size or ZeRO stage)."""
+    it (another pipeline or tensor size or ZeRO stage; another dp size under ZeRO)."""
     root = checkpoint_dir(run_dir)
     data_state = root / tag / DATA_STATE  # absent when no loader saved (test workers)
     saved = (json.loads(data_state.read_text()).get("layout", {})

@@ -27,7 +27,7 @@ from qwenvl_train.checks import ConfigError
 from qwenvl_train.data.stream import DataError
 from qwenvl_train.training import checkpoint as ckpt
 from qwenvl_train.training.observe import flops
-from qwenvl_train.training.relayout import RELAYOUT_ZERO_STAGES, describe
+from qwenvl_train.training.relayout import describe, readable
 
 if TYPE_CHECKING:
     from qwenvl_train.config import TrainConfig
@@ -102,7 +102,12 @@ def layout_of(cfg: TrainConfig, par) -> dict:
     """The layout a checkpoint records (`data_state.json`) and a resume compares with."""
     return {"world_size": dist.get_world_size(), "pp": par.sizes.pp, "tp": par.sizes.tp,
             "dp": par.sizes.dp, "zero_stage": int(cfg.parallel.zero_stage),
-            "rank_maps": int(cfg.parallel.zero_stage) in RELAYOUT_ZERO_STAGES}
+            "rank_maps": _readable(cfg)}
+
+
+def _readable(cfg: TrainConfig) -> bool:
+    """Whether this run's checkpoints can be re-partitioned (training/relayout.py)."""
+    return readable(int(cfg.parallel.zero_stage), cfg.stage.precision != "fp32")
 
 
 def micro_batch_cost(cfg: TrainConfig) -> Callable[[dict], float] | None:
@@ -179,7 +184,8 @@ def check_resume(cfg: TrainConfig, world_size: int, tag: str | None = None) -> N
                 f"{_CONFIG_KEYS.get(key, key)}: {where} was written with {old!r}, this run "
                 f"has {new!r}; the run's sample order depends on it. Resume with the saved "
                 "value, or start a new run_dir (init_from= the export for new weights).")
-    _check_model_layout(saved.get("layout", {}), sizes, int(cfg.parallel.zero_stage), where)
+    _check_model_layout(saved.get("layout", {}), sizes, int(cfg.parallel.zero_stage), where,
+                        _readable(cfg))
     _check_random_frozen(cfg, saved.get("layout", {}), where)
 
 
@@ -202,28 +208,28 @@ def _check_random_frozen(cfg: TrainConfig, was: dict, where: str) -> None:
             "parts from weights (model.weights.*, init_from)")
 
 
-def _check_model_layout(was: dict, sizes, zero: int, where: str) -> None:
-    """Which layout changes the model/optimizer files can follow: any between ZeRO-1/2/3
-    layouts (re-partitioned by training/relayout.py), ZeRO-0 under another dp size
-    (DeepSpeed reloads it), none between ZeRO-0 and the others."""
+def _check_model_layout(was: dict, sizes, zero: int, where: str, readable_now: bool) -> None:
+    """Which layout changes the model/optimizer files can follow: any, through
+    training/relayout.py, between layouts whose files it reads (every ZeRO stage; not
+    DeepSpeed's bf16/fp16 wrappers without ZeRO); ZeRO-0 under another dp size through
+    DeepSpeed itself."""
     if not was:
         return
     old = (was["pp"], was["tp"], was["dp"], was["zero_stage"])
     if old == (sizes.pp, sizes.tp, sizes.dp, zero):
         return
-    if was["zero_stage"] in RELAYOUT_ZERO_STAGES and zero in RELAYOUT_ZERO_STAGES:
-        if was.get("rank_maps"):
-            return
-        reason = "it was written before checkpoints recorded their parameter maps"
-    elif was["zero_stage"] == zero == 0 and old[:2] == (sizes.pp, sizes.tp):
+    if was["zero_stage"] == zero == 0 and old[:2] == (sizes.pp, sizes.tp):
         return
+    if was.get("rank_maps") and readable_now:
+        return
+    if not readable_now or (was["zero_stage"] == 0 and "rank_maps" in was):
+        reason = ("bf16/fp16 without ZeRO keeps DeepSpeed's own flat optimizer state, which "
+                  "is not re-partitioned (use parallel.zero_stage >= 1, or fp32)")
     else:
-        reason = ("ZeRO-0's whole optimizer state and the ZeRO-1/2/3 partitions are not "
-                  "converted into each other")
+        reason = "it was written before checkpoints recorded their parameter maps"
+    now = {"pp": sizes.pp, "tp": sizes.tp, "dp": sizes.dp, "zero_stage": zero}
     raise ConfigError(
-        f"parallel: {where} was written with {describe(was)}, this run has "
-        f"{describe({'pp': sizes.pp, 'tp': sizes.tp, 'dp': sizes.dp, 'zero_stage': zero})}; "
+        f"parallel: {where} was written with {describe(was)}, this run has {describe(now)}; "
         f"{reason}. Resume with parallel.pp={was['pp']} parallel.tp={was['tp']} "
         f"parallel.zero_stage={was['zero_stage']} on {was['pp'] * was['tp'] * was['dp']} "
-        "processes (a ZeRO-1/2/3 checkpoint resumes under any ZeRO-1/2/3 layout), or start "
-        "a new run_dir with init_from")
+        "processes, or start a new run_dir with init_from")

@@ -1,21 +1,23 @@
-"""Resume a ZeRO-1/2/3 checkpoint under another layout: data-parallel size, pipeline
-stages, tensor-parallel size or ZeRO stage (1, 2, 3 into each other).
+"""Resume a checkpoint under another layout: data-parallel size, pipeline stages,
+tensor-parallel size or ZeRO stage (0 in fp32, 1, 2, 3 into each other).
 
 DeepSpeed writes, per (pipeline stage, tensor slice, data-parallel rank), one file with that
 rank's flat fp32 partition of the master weights and of Adam's two moments. ZeRO-1/2 record
 for every parameter the fragment of the partition it owns (`param_slice_mappings`, by the
 engine's parameter name); ZeRO-3 splits every parameter evenly over the data ranks, in the
-order of the model file's `param_shapes`. DeepSpeed reloads those files only under the
-layout that wrote them. So each save also records, per rank, its `rank_map`: which files it
-wrote, its data and tensor rank, and for every trainable parameter the plain model's name
-and the dimension its tensor slice was cut along. A resume under another layout (`load`):
+order of the model file's `param_shapes`; without ZeRO (fp32) the model file holds the
+whole weights and torch's optimizer state, keyed by position. DeepSpeed reloads those files
+only under the layout that wrote them. So each save also records, per rank, its `rank_map`:
+which files it wrote, its data and tensor rank, and for every trainable parameter the plain
+model's name and the dimension its tensor slice was cut along. A resume under another
+layout (`load`):
 
 1. assembles each trainable parameter's full fp32 weight and moments: the fragments of the
    data-parallel ranks concatenated in rank order give one tensor slice; tensor slices are
    joined along their split dimension (replicated parameters are taken from tensor rank 0);
 2. cuts this rank's tensor slice and writes it into this rank's fragments through
-   DeepSpeed's tensor-fragment API (`safe_set_full_*`, any ZeRO stage), and into the
-   module's (bit16) parameter;
+   DeepSpeed's tensor-fragment API (`safe_set_full_*`, any ZeRO stage; without ZeRO into
+   torch's optimizer state), and into the module's (bit16) parameter;
 3. sets Adam's step count, the optimizer groups' settings (by group name), the scheduler and
    the engine's step counters from the saved files.
 
@@ -55,19 +57,26 @@ def describe(layout: dict | None) -> str:
             f"ZeRO-{layout['zero_stage']}")
 
 
+def readable(zero_stage: int, bf16_or_fp16: bool) -> bool:
+    """Whether a run's checkpoint files are read (and its engine written) here: every ZeRO
+    stage, except DeepSpeed's bf16/fp16 wrappers without ZeRO (their own flat format)."""
+    return zero_stage in RELAYOUT_ZERO_STAGES or not bf16_or_fp16
+
+
 def supports(engine) -> bool:
-    """Whether this engine's checkpoint files are the ZeRO partitions read here."""
-    return engine.zero_optimization_stage() in RELAYOUT_ZERO_STAGES
+    return readable(engine.zero_optimization_stage(),
+                    engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
 def needed(saved: dict | None, now: dict | None) -> bool:
-    """A resume from layout `saved` into `now` that DeepSpeed's own loader cannot do
-    (ZeRO-1/2/3 partitions under another pp, tp, dp size or ZeRO stage)."""
-    if not saved or not now:
+    """A resume from layout `saved` into `now` (elastic.layout_of) that DeepSpeed's own
+    loader cannot do: another pp, tp or ZeRO stage, or another dp size under ZeRO >= 1
+    (ZeRO-0's whole optimizer state reloads under any dp size)."""
+    if not saved or not now or not (saved.get("rank_maps") and now.get("rank_maps")):
         return False
-    return (saved["zero_stage"] in RELAYOUT_ZERO_STAGES
-            and now["zero_stage"] in RELAYOUT_ZERO_STAGES
-            and any(saved[k] != now[k] for k in ("pp", "tp", "dp", "zero_stage")))
+    if any(saved[k] != now[k] for k in ("pp", "tp", "zero_stage")):
+        return True
+    return saved["dp"] != now["dp"] and now["zero_stage"] > 0
 
 
 def trainable_params(par) -> list[tuple[str, str, nn.Parameter]]:
@@ -91,25 +100,38 @@ def _split_dim(param: nn.Parameter) -> int | None:
 
 def rank_map(engine, par) -> dict[str, Any]:
     """What a later resume under another layout needs to know of this rank's files."""
+    stage = int(engine.zero_optimization_stage())
+    params = {name: [original, _split_dim(p)] for name, original, p in trainable_params(par)}
+    model_file = Path(engine._get_ckpt_name("", "")).name
+    if stage == 0:
+        # One torch optimizer over whole tensors, saved in the model file of data rank 0
+        # (the other data ranks hold copies); its state is keyed by position.
+        name_of = {id(p): name for name, p in par.module.named_parameters()}
+        order = [name_of[id(p)] for g in engine.optimizer.param_groups for p in g["params"]]
+        return {"zero_file": model_file, "model_file": model_file, "zero_stage": 0,
+                "tp_rank": int(par.grid.get_slice_parallel_rank()), "tp_size": int(par.sizes.tp),
+                "dp_rank": int(par.dp_rank), "order": order,
+                "params": params if par.dp_rank == 0 else {}}
     return {
         "zero_file": Path(engine._get_zero_ckpt_name("", "")).name,
-        "model_file": Path(engine._get_ckpt_name("", "")).name,
-        "zero_stage": int(engine.zero_optimization_stage()),
+        "model_file": model_file,
+        "zero_stage": stage,
         "tp_rank": int(par.grid.get_slice_parallel_rank()),
         "tp_size": int(par.sizes.tp),
         # the data rank in DeepSpeed's file names: within the optimizer's partition group
         "dp_rank": int(dist.get_rank(group=engine.optimizer.dp_process_group)),
-        "params": {name: [original, _split_dim(p)] for name, original, p in trainable_params(par)},
+        "params": params,
     }
 
 
 class SavedState:
     """Full fp32 weights and Adam moments of every trainable parameter of a checkpoint
-    directory, assembled on demand from its ZeRO-1/2/3 partition files."""
+    directory, assembled on demand from its files (any ZeRO stage; fp32 without ZeRO)."""
 
     def __init__(self, step_dir: Path, rank_maps: list[dict]) -> None:
         self.dir = step_dir
-        self._maps = {m["zero_file"]: m for m in rank_maps}
+        # ZeRO-0: data ranks > 0 name the same file with no parameters; keep the holder's map
+        self._maps = {m["zero_file"]: m for m in sorted(rank_maps, key=lambda m: bool(m["params"]))}
         self._files: dict[str, dict] = {}
         # plain name -> tensor rank -> [(data rank, file, engine name)]; split dim, tp size
         self.pieces: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
@@ -140,6 +162,9 @@ class SavedState:
         param_groups, where: {engine name: (group, start, numel)}}: its fragment of each
         parameter it holds, in either ZeRO format."""
         if file not in self._files:
+            if self._maps[file]["zero_stage"] == 0:
+                self._files[file] = self._zero0(self._maps[file])
+                return self._files[file]
             sd = torch.load(self.dir / file, mmap=True, weights_only=False, map_location="cpu")
             sd = sd["optimizer_state_dict"]
             if "fp32_flat_groups" in sd:
@@ -156,6 +181,26 @@ class SavedState:
                 raise RelayoutError(f"{self.dir / file}: an elastic ZeRO checkpoint (DeepSpeed "
                                     "elastic_checkpoint=true) is not read here")
         return self._files[file]
+
+    def _zero0(self, rank_map: dict) -> dict:
+        """ZeRO-0 (fp32): the module's tensors are the master weights; the torch optimizer's
+        state is keyed by position in its groups, which `order` names."""
+        states = torch.load(self.dir / rank_map["model_file"], weights_only=False,
+                            map_location="cpu", mmap=True)
+        module, optim = states.get("module"), states.get("optimizer")
+        if module is None or optim is None:
+            raise RelayoutError(f"{self.dir / rank_map['model_file']} holds no module or "
+                                "optimizer state")
+        ids = [i for g in optim["param_groups"] for i in g["params"]]
+        where, fp32 = {}, {}
+        for i, name in zip(ids, rank_map["order"], strict=True):
+            if name in rank_map["params"]:
+                fp32[i] = module[name].reshape(-1)
+                where[name] = (i, 0, fp32[i].numel())
+        state = {i: {k: v if k == "step" else v.reshape(-1) for k, v in st.items()}
+                 for i, st in optim["state"].items()}  # flat, as the other formats' moments
+        return {"fp32": fp32, "state": state, "param_groups": optim["param_groups"],
+                "where": where}
 
     def _zero3(self, sd: dict, rank_map: dict) -> dict:
         """ZeRO-3 splits every parameter evenly over the data ranks (the last part padded)
@@ -275,8 +320,8 @@ def _full_shape(param: nn.Parameter, tp: int) -> torch.Size:
 
 @torch.no_grad()
 def load(engine, par, step_dir: Path) -> None:
-    """Load checkpoint `step_dir` (any ZeRO-1/2/3 layout) into this run's engine (ZeRO-1/2/3,
-    any layout). Every rank calls it; the only collective is one name check (the fragment
+    """Load checkpoint `step_dir` (any layout `readable` allows) into this run's engine (any
+    such layout). Every rank calls it; the only collective is one name check (the fragment
     writes are local)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -292,13 +337,15 @@ def load(engine, par, step_dir: Path) -> None:
             f"also trains {missing[:4]}, the checkpoint also has {extra[:4]}")
     optimizer = engine.optimizer
     step, settings = saved.step(), saved.group_settings()
-    zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
+    stage = engine.zero_optimization_stage()
+    zero3 = stage == 3
+    base = optimizer if stage == 0 else optimizer.optimizer  # the torch optimizer
     # ZeRO-3 hands its base optimizer one sub-group's partition at a time (groups hold no
-    # params between steps); ZeRO-1/2 keep one partition per group in it.
+    # params between steps); ZeRO-1/2 keep one partition per group in it; ZeRO-0 the params.
     flats = (optimizer.fp32_partitioned_groups_flat if zero3 else
-             [p for g in optimizer.optimizer.param_groups for p in g["params"]])
-    _init_adam_state(optimizer.optimizer, flats, step)
-    if not zero3:  # ZeRO-1/2: link Adam's moments to the parameters' fragments
+             [p for g in base.param_groups for p in g["params"]])
+    _init_adam_state(base, flats, step)
+    if stage in (1, 2):  # link Adam's moments to the parameters' fragments
         optimizer._lazy_init_hp_params_optimizer_state()
     tp, tp_rank = par.sizes.tp, par.grid.get_slice_parallel_rank()
     for _, original, param in mine:
@@ -306,14 +353,18 @@ def load(engine, par, step_dir: Path) -> None:
         dim = _split_dim(param)
         local = {k: (v.chunk(tp, dim=dim)[tp_rank] if dim is not None else v).contiguous()
                  for k, v in full.items()}
-        safe_set_full_fp32_param(param, local["fp32"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(param, local[key], key)
+        if stage == 0:  # fp32: the parameter is the master weight
+            for key in ("exp_avg", "exp_avg_sq"):
+                base.state[param][key].copy_(local[key])
+        else:
+            safe_set_full_fp32_param(param, local["fp32"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, local[key], key)
         if not zero3:
             param.data.copy_(local["fp32"].to(param.dtype))
     if zero3:
         _refresh_zero3_bit16(optimizer)
-    for group in optimizer.optimizer.param_groups:
+    for group in base.param_groups:
         if group.get("name") not in settings:
             raise RelayoutError(f"{step_dir} has no optimizer group {group.get('name')!r}")
         group.update({k: v for k, v in settings[group["name"]].items() if k != "params"})

@@ -71,16 +71,20 @@ class StartState(TrainerCallback):
         from qwenvl_train.training import relayout
 
         engine, par = trainer.engine, trainer.par
+        zero = engine.zero_optimization_stage()
+        base = engine.optimizer if zero == 0 else engine.optimizer.optimizer  # torch's
         params = {}
         for _, original, p in relayout.trainable_params(par):  # collective over dp ranks
-            params[original] = {
-                "fp32": safe_get_full_fp32_param(p),
-                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
-                "dim": getattr(p, "partition_dim", None) if getattr(
-                    p, "tensor_model_parallel", False) else None}
+            if zero == 0:  # fp32 without ZeRO: the parameter is the master weight
+                state = {"fp32": p.detach().clone(), "exp_avg": base.state[p]["exp_avg"],
+                         "exp_avg_sq": base.state[p]["exp_avg_sq"]}
+            else:
+                state = {"fp32": safe_get_full_fp32_param(p),
+                         "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                         "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+            params[original] = {**state, "dim": getattr(p, "partition_dim", None) if getattr(
+                p, "tensor_model_parallel", False) else None}
         if par.dp_rank == 0:
-            base = engine.optimizer.optimizer
             # ZeRO-3 hands the base optimizer its partitions only during a step
             flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
                 p for g in base.param_groups for p in g["params"]]
