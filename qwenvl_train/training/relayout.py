@@ -103,25 +103,19 @@ def rank_map(engine, par) -> dict[str, Any]:
     stage = int(engine.zero_optimization_stage())
     params = {name: [original, _split_dim(p)] for name, original, p in trainable_params(par)}
     model_file = Path(engine._get_ckpt_name("", "")).name
+    common = {"model_file": model_file, "zero_stage": stage, "tp_size": int(par.sizes.tp),
+              "tp_rank": int(par.grid.get_slice_parallel_rank())}
     if stage == 0:
         # One torch optimizer over whole tensors, saved in the model file of data rank 0
         # (the other data ranks hold copies); its state is keyed by position.
         name_of = {id(p): name for name, p in par.module.named_parameters()}
         order = [name_of[id(p)] for g in engine.optimizer.param_groups for p in g["params"]]
-        return {"zero_file": model_file, "model_file": model_file, "zero_stage": 0,
-                "tp_rank": int(par.grid.get_slice_parallel_rank()), "tp_size": int(par.sizes.tp),
-                "dp_rank": int(par.dp_rank), "order": order,
-                "params": params if par.dp_rank == 0 else {}}
-    return {
-        "zero_file": Path(engine._get_zero_ckpt_name("", "")).name,
-        "model_file": model_file,
-        "zero_stage": stage,
-        "tp_rank": int(par.grid.get_slice_parallel_rank()),
-        "tp_size": int(par.sizes.tp),
-        # the data rank in DeepSpeed's file names: within the optimizer's partition group
-        "dp_rank": int(dist.get_rank(group=engine.optimizer.dp_process_group)),
-        "params": params,
-    }
+        return {**common, "zero_file": model_file, "dp_rank": int(par.dp_rank),
+                "order": order, "params": params if par.dp_rank == 0 else {}}
+    # the data rank in DeepSpeed's file names: within the optimizer's partition group
+    return {**common, "zero_file": Path(engine._get_zero_ckpt_name("", "")).name,
+            "dp_rank": int(dist.get_rank(group=engine.optimizer.dp_process_group)),
+            "params": params}
 
 
 class SavedState:
@@ -158,29 +152,32 @@ class SavedState:
         return set(self.pieces)
 
     def _optimizer_state(self, file: str) -> dict:
-        """One rank's file as {fp32: [flat per group], state: {group: Adam state},
+        """One rank's file as {fp32: {group: flat}, state: {group: Adam state (flat)},
         param_groups, where: {engine name: (group, start, numel)}}: its fragment of each
-        parameter it holds, in either ZeRO format."""
+        parameter it holds, whatever the ZeRO stage that wrote it."""
         if file not in self._files:
-            if self._maps[file]["zero_stage"] == 0:
-                self._files[file] = self._zero0(self._maps[file])
-                return self._files[file]
-            sd = torch.load(self.dir / file, mmap=True, weights_only=False, map_location="cpu")
-            sd = sd["optimizer_state_dict"]
-            if "fp32_flat_groups" in sd:
-                self._files[file] = self._zero3(sd, self._maps[file])
-            elif isinstance(sd.get("base_optimizer_state"), dict):
-                base = sd["base_optimizer_state"]
-                self._files[file] = {
-                    "fp32": sd["single_partition_of_fp32_groups"], "state": base["state"],
-                    "param_groups": base["param_groups"],
-                    "where": {name: (g, a.start, a.numel)
-                              for g, mapping in enumerate(sd["param_slice_mappings"])
-                              for name, a in mapping.items()}}
+            rank_map = self._maps[file]
+            if rank_map["zero_stage"] == 0:
+                self._files[file] = self._zero0(rank_map)
             else:
-                raise RelayoutError(f"{self.dir / file}: an elastic ZeRO checkpoint (DeepSpeed "
-                                    "elastic_checkpoint=true) is not read here")
+                sd = torch.load(self.dir / file, mmap=True, weights_only=False,
+                                map_location="cpu")["optimizer_state_dict"]
+                self._files[file] = (self._zero3(sd, rank_map) if "fp32_flat_groups" in sd
+                                     else self._zero12(sd, file))
         return self._files[file]
+
+    def _zero12(self, sd: dict, file: str) -> dict:
+        """ZeRO-1/2 (and DeepSpeed's bf16 optimizer): each parameter's fragment of this
+        rank's flat partition, by engine name, in `param_slice_mappings`."""
+        base = sd.get("base_optimizer_state")
+        if not isinstance(base, dict):
+            raise RelayoutError(f"{self.dir / file}: an elastic ZeRO checkpoint (DeepSpeed "
+                                "elastic_checkpoint=true) is not read here")
+        return {"fp32": dict(enumerate(sd["single_partition_of_fp32_groups"])),
+                "state": base["state"], "param_groups": base["param_groups"],
+                "where": {name: (g, a.start, a.numel)
+                          for g, mapping in enumerate(sd["param_slice_mappings"])
+                          for name, a in mapping.items()}}
 
     def _zero0(self, rank_map: dict) -> dict:
         """ZeRO-0 (fp32): the module's tensors are the master weights; the torch optimizer's
@@ -217,7 +214,7 @@ class SavedState:
                 where[name] = (g, offset, max(0, min(part, numel - rank * part)))
                 offset += part
         base = sd["optimizer_state_dict"]
-        return {"fp32": sd["fp32_flat_groups"], "state": base["state"],
+        return {"fp32": dict(enumerate(sd["fp32_flat_groups"])), "state": base["state"],
                 "param_groups": base["param_groups"], "where": where}
 
     def _fragment(self, file: str, name: str, key: str) -> torch.Tensor:
