@@ -222,7 +222,7 @@ def _check_model_layout(was: dict, sizes, zero: int, where: str, readable_now: b
         return
     if was.get("rank_maps") and readable_now:
         return
-    if not readable_now or (was["zero_stage"] == 0 and "rank_maps" in was):
+    if not readable_now or "rank_maps" in was:  # recorded, and false: a bf16/fp16 ZeRO-0 run
         reason = ("bf16/fp16 without ZeRO keeps DeepSpeed's own flat optimizer state, which "
                   "is not re-partitioned (use parallel.zero_stage >= 1, or fp32)")
     else:

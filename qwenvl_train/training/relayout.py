@@ -41,7 +41,8 @@ from torch import nn
 log = logging.getLogger("qwenvl_train")
 
 RANK_MAP = "rank_map"  # key of the per-rank trainer file that holds `rank_map(...)`
-STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter
+STATE_KEYS = ("fp32", *MOMENTS)
 RELAYOUT_ZERO_STAGES = (1, 2, 3)  # the partition formats read and written here
 LAYOUT_KEYS = ("world_size", "pp", "tp", "dp", "zero_stage")  # of elastic.layout_of
 
@@ -126,7 +127,8 @@ class SavedState:
         self.dir = step_dir
         # ZeRO-0: data ranks > 0 name the same file with no parameters; keep the holder's map
         self._maps = {m["zero_file"]: m for m in sorted(rank_maps, key=lambda m: bool(m["params"]))}
-        self._files: dict[str, dict] = {}
+        self._files: dict[str, dict] = {}  # a rank's file, normalised (_optimizer_state)
+        self._loaded: dict[str, Any] = {}  # each file unpickled once (memory-mapped)
         # plain name -> tensor rank -> [(data rank, file, engine name)]; split dim, tp size
         self.pieces: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
         self.split: dict[str, tuple[int | None, int]] = {}
@@ -160,8 +162,7 @@ class SavedState:
             if rank_map["zero_stage"] == 0:
                 self._files[file] = self._zero0(rank_map)
             else:
-                sd = torch.load(self.dir / file, mmap=True, weights_only=False,
-                                map_location="cpu")["optimizer_state_dict"]
+                sd = self._load(file)["optimizer_state_dict"]
                 self._files[file] = (self._zero3(sd, rank_map) if "fp32_flat_groups" in sd
                                      else self._zero12(sd, file))
         return self._files[file]
@@ -182,8 +183,7 @@ class SavedState:
     def _zero0(self, rank_map: dict) -> dict:
         """ZeRO-0 (fp32): the module's tensors are the master weights; the torch optimizer's
         state is keyed by position in its groups, which `order` names."""
-        states = torch.load(self.dir / rank_map["model_file"], weights_only=False,
-                            map_location="cpu", mmap=True)
+        states = self._load(rank_map["model_file"])
         module, optim = states.get("module"), states.get("optimizer")
         if module is None or optim is None:
             raise RelayoutError(f"{self.dir / rank_map['model_file']} holds no module or "
@@ -202,8 +202,7 @@ class SavedState:
     def _zero3(self, sd: dict, rank_map: dict) -> dict:
         """ZeRO-3 splits every parameter evenly over the data ranks (the last part padded)
         and concatenates this rank's parts in the order of the model file's param_shapes."""
-        shapes = torch.load(self.dir / rank_map["model_file"], weights_only=False,
-                            map_location="cpu", mmap=True)["param_shapes"]
+        shapes = self._load(rank_map["model_file"])["param_shapes"]
         ranks, rank = int(sd["partition_count"]), rank_map["dp_rank"]
         where = {}
         for g, group in enumerate(shapes):
@@ -274,8 +273,13 @@ class SavedState:
     def model_states(self) -> dict:
         """Counters and scheduler of the DeepSpeed model-state file (identical on every
         model-parallel rank)."""
-        path = self.dir / min(m["model_file"] for m in self._maps.values())
-        return torch.load(path, weights_only=False, map_location="cpu", mmap=True)
+        return self._load(min(m["model_file"] for m in self._maps.values()))
+
+    def _load(self, name: str) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = torch.load(self.dir / name, mmap=True, weights_only=False,
+                                            map_location="cpu")
+        return self._loaded[name]
 
 
 def _init_adam_state(adam: torch.optim.Optimizer, flats: list[torch.Tensor],
@@ -290,7 +294,7 @@ def _init_adam_state(adam: torch.optim.Optimizer, flats: list[torch.Tensor],
         state = adam.state[p]
         state["step"] = step.to(device=p.device if on_device else "cpu",
                                 dtype=torch.float32).clone()
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in MOMENTS:
             state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
@@ -351,11 +355,11 @@ def load(engine, par, step_dir: Path) -> None:
         local = {k: (v.chunk(tp, dim=dim)[tp_rank] if dim is not None else v).contiguous()
                  for k, v in full.items()}
         if stage == 0:  # fp32: the parameter is the master weight
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in MOMENTS:
                 base.state[param][key].copy_(local[key])
         else:
             safe_set_full_fp32_param(param, local["fp32"])
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in MOMENTS:
                 safe_set_full_optimizer_state(param, local[key], key)
         if not zero3:
             param.data.copy_(local["fp32"].to(param.dtype))
