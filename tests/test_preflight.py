@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from trainer_helpers import TRAIN, overrides
 
+from qwenvl_train.checks import LaunchError
 from qwenvl_train.config import load_config
+from qwenvl_train.training.preflight import check_run_dir
 
 
 def _refused(run_cli, args: list[str], says: str, *, env: dict | None = None):
@@ -29,6 +31,12 @@ def test_a_run_dir_that_is_a_file_or_under_one(run_cli, demo_data, tmp_path):
     _refused(run_cli, overrides(file / "run", demo_data),
              f"run_dir: {file / 'run'} cannot be created: {file} is a file")
     assert file.read_text() == "x"
+    # ".." after a missing directory: judged where the OS would land (the file), not on the
+    # lexical path (it passed, then creating the run dir failed with a traceback).
+    sneaky = tmp_path / "missing" / ".." / "file"
+    with pytest.raises(LaunchError, match="is a file"):
+        check_run_dir(load_config(overrides(sneaky, demo_data)))
+    assert not (tmp_path / "missing").exists()
 
 
 def _finished_run(run: Path, *args: str) -> str:

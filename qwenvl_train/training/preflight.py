@@ -53,7 +53,9 @@ def check_launch(cfg: TrainConfig, world_size: int,
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
-    run_dir = Path(cfg.run_dir)
+    # Normalised first: with ".." after a missing directory the checks below would pass on
+    # the lexical path while the OS, creating the missing part, lands on another one.
+    run_dir = Path(os.path.abspath(cfg.run_dir))
     if run_dir.exists() and not run_dir.is_dir():
         raise LaunchError(f"run_dir: {run_dir} is a file; pass a directory (created if "
                           "missing), e.g. run_dir=runs/my_stage")
